@@ -1,0 +1,147 @@
+"""One entry point for every checkpoint format users bring: ours, Lightning's, the seed's mmseg
+Seg-LSTM checkpoints and the Vision-LSTM v1 classification checkpoints.
+
+Each foreign format goes through a filter that renames keys and resamples the position table; then a
+plain ``load_state_dict`` does the strict check, and we turn its result into an error that lists the keys.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from seglstm.utils.io import torch_load
+
+__all__ = ["CheckpointMismatchError", "LoadReport", "load_pretrained"]
+
+
+class CheckpointMismatchError(RuntimeError):
+    """Keys or shapes of a checkpoint do not fit the model."""
+
+
+@dataclass
+class LoadReport:
+    format: str
+    target: str
+    missing_keys: list[str] = field(default_factory=list)
+    unexpected_keys: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return (
+            f"loaded {self.format} checkpoint into {self.target}: {len(self.missing_keys)} missing, "
+            f"{len(self.unexpected_keys)} unexpected keys"
+        )
+
+
+def _unwrap(obj: Any, source: str) -> dict[str, torch.Tensor]:
+    """Find the tensor mapping inside the containers that mmseg, Lightning and timm use."""
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model", "module"):
+            if key in obj and isinstance(obj[key], Mapping):
+                return _unwrap(obj[key], source)
+        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if tensors and len(tensors) == len(obj):
+            return dict(tensors)
+        if tensors:
+            bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)][:5]
+            raise CheckpointMismatchError(f"{source}: entries {bad} are not tensors")
+    raise CheckpointMismatchError(
+        f"{source}: no state dict found (expected a mapping of tensors, or one under 'state_dict'/'model')"
+    )
+
+
+def _strip_prefix(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def _fmt_keys(keys: list[str], limit: int = 20) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def _adapt(sd: dict[str, torch.Tensor], module: nn.Module) -> tuple[dict[str, torch.Tensor], str, nn.Module]:
+    """Return (state dict, format name, the module it targets) for the checkpoint's layout."""
+    from seglstm.models.vision_lstm import VisionLSTM, checkpoint_filter_fn, resample_pos_embed
+
+    own = module.state_dict()
+    # Lightning wraps the segmentor as `model.`; strip it when the module does not.
+    if not any(k in own for k in sd) and all(k.startswith("model.") for k in sd):
+        sd = _strip_prefix(sd, "model.")
+    is_segmentor = hasattr(module, "backbone")
+    encoder = module.backbone if is_segmentor else module
+    if any(k.startswith("blocks.") for k in sd):  # Vision-LSTM v1 classification checkpoint
+        if not isinstance(encoder, VisionLSTM):
+            raise CheckpointMismatchError(
+                f"a Vision-LSTM classification checkpoint needs a ViL encoder, got {type(encoder).__name__}"
+            )
+        return checkpoint_filter_fn(sd, encoder), "vision-lstm-v1", encoder
+    fmt = "seglstm"
+    if not is_segmentor and any(k.startswith("backbone.") for k in sd):  # segmentor checkpoint -> encoder
+        sd, fmt = _strip_prefix(sd, "backbone."), "mmseg-backbone"
+    elif is_segmentor and any(k.startswith("decode_head.") for k in sd):
+        fmt = "mmseg" if any(k.startswith("backbone.blocks1.") for k in sd) else "seglstm"
+    prefix = "backbone." if is_segmentor else ""
+    key = prefix + "pos_embed.embed"
+    if isinstance(encoder, VisionLSTM) and key in sd and key in own and sd[key].shape != own[key].shape:
+        if sd[key].shape[-1] == own[key].shape[-1]:  # same width: a different grid is resampled
+            sd = dict(sd)
+            sd[key] = resample_pos_embed(sd[key], tuple(own[key].shape[1:3]))
+    return sd, fmt, module
+
+
+def load_pretrained(
+    module: nn.Module,
+    path_or_state_dict: str | os.PathLike | Mapping[str, Any],
+    strict: bool = True,
+    unsafe: bool = False,
+) -> LoadReport:
+    """Load any supported checkpoint into an encoder or a segmentor.
+
+    Args:
+        module: a ``VisionLSTM`` encoder or an ``EncoderDecoder`` segmentor.
+        path_or_state_dict: a file (loaded with ``weights_only=True`` unless ``unsafe``) or a mapping.
+        strict: raise when keys are missing or unexpected (for a classification checkpoint, only the
+            encoder is checked; heads stay as initialised).
+    Returns:
+        A ``LoadReport`` with the format detected and the missing / unexpected keys.
+    Raises:
+        CheckpointMismatchError naming the offending keys and shapes.
+    """
+    if isinstance(path_or_state_dict, Mapping):
+        source, obj = "state dict", path_or_state_dict
+    else:
+        source = os.fspath(path_or_state_dict)
+        obj = torch_load(source, unsafe=unsafe)
+    sd, fmt, target = _adapt(_unwrap(obj, source), module)
+
+    own = target.state_dict()
+    shape_errors = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in sd.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    if shape_errors:
+        raise CheckpointMismatchError(
+            f"{source} ({fmt}) does not fit {type(target).__name__} (wrong width or class count?): "
+            + "; ".join(shape_errors[:10])
+            + (f"; ... ({len(shape_errors) - 10} more)" if len(shape_errors) > 10 else "")
+        )
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    if strict and (missing or unexpected):
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {_fmt_keys(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {_fmt_keys(unexpected)}")
+        raise CheckpointMismatchError(
+            f"{source} ({fmt}) does not match {type(target).__name__} (wrong depth or preset?): "
+            + "; ".join(parts)
+        )
+    target.load_state_dict(sd, strict=False)
+    return LoadReport(fmt, type(target).__name__, missing, unexpected)

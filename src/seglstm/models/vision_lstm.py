@@ -1,0 +1,400 @@
+"""Vision-LSTM (ViL) encoder as Seg-LSTM uses it: patch embedding, a learned 2-D position table and
+stages of mLSTM blocks that alternate their scan direction, returning one 1/16 map per stage.
+
+Parameter names follow the seed's mmseg checkpoints (``patch_embed.proj``, ``pos_embed.embed``,
+``blocks1`` .. ``blocksN``, ``layer.mlstm_cell.igate`` ...), so those load without renaming; the
+Vision-LSTM v1 classification checkpoints (``blocks.{i}``) go through ``checkpoint_filter_fn``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, trunc_normal_
+from torch import nn
+
+from seglstm.models.mlstm import BACKENDS, Backend, KernelChoice, mlstm
+from seglstm.models.registry import register_encoder
+
+__all__ = ["ViLBlock", "ViLLayer", "VisionLSTM", "checkpoint_filter_fn"]
+
+
+class OffsetLayerNorm(nn.Module):
+    """LayerNorm without bias whose stored weight is an offset from 1 (ViL's ``residual_weight``)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (x.shape[-1],), weight=1.0 + self.weight, eps=self.eps)
+
+
+class MultiHeadGroupNorm(nn.Module):
+    """Per-head normalisation of the cell output; weight stored as an offset, no bias."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.num_heads = num_heads
+        self.eps = eps
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        # h: (B, S, NH, DH) -> normalise each head's DH features, then flatten heads.
+        h = F.layer_norm(h, (h.shape[-1],), eps=self.eps)
+        return h.flatten(-2) * (1.0 + self.weight)
+
+
+class BlockDiagonalLinear(nn.Module):
+    """Linear map made of independent ``block x block`` matrices over consecutive feature groups."""
+
+    def __init__(self, dim: int, block_size: int) -> None:
+        super().__init__()
+        if dim % block_size:
+            raise ValueError(f"dim {dim} is not divisible by qkv_block_size {block_size}")
+        self.block_size = block_size
+        self.weight = nn.Parameter(torch.empty(dim // block_size, block_size, block_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.unflatten(-1, (-1, self.block_size))  # (..., nb, d_in)
+        return torch.einsum("...hd,hod->...ho", x, self.weight).flatten(-2)
+
+
+class CausalConv1d(nn.Module):
+    """Depthwise causal convolution along the token sequence (left padding kernel-1)."""
+
+    def __init__(self, dim: int, kernel_size: int = 4) -> None:
+        super().__init__()
+        self.pad = kernel_size - 1
+        self.conv = nn.Conv1d(dim, dim, kernel_size, groups=dim, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, S, C) -> (B, S, C)
+        x = F.pad(x.transpose(1, 2), (self.pad, 0))
+        return self.conv(x).transpose(1, 2)
+
+
+class MLSTMCell(nn.Module):
+    """Gates + the mLSTM recurrence + per-head output norm."""
+
+    def __init__(self, inner_dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.igate = nn.Linear(3 * inner_dim, num_heads)
+        self.fgate = nn.Linear(3 * inner_dim, num_heads)
+        self.outnorm = MultiHeadGroupNorm(inner_dim, num_heads)
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.fgate.weight)
+        with torch.no_grad():
+            self.fgate.bias.copy_(torch.linspace(3.0, 6.0, self.num_heads))
+        nn.init.zeros_(self.igate.weight)
+        nn.init.normal_(self.igate.bias, std=0.1)
+        nn.init.zeros_(self.outnorm.weight)
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Backend, chunk_size: int,
+        kernel: KernelChoice,
+    ) -> torch.Tensor:
+        qkv = torch.cat([q, k, v], dim=-1)
+        i = self.igate(qkv).transpose(1, 2)  # (B, NH, S)
+        f = self.fgate(qkv).transpose(1, 2)
+
+        def heads(t: torch.Tensor) -> torch.Tensor:  # (B, S, e) -> (B, NH, S, DH)
+            return t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+
+        h = mlstm(heads(q), heads(k), heads(v), i, f, backend=backend, chunk_size=chunk_size, kernel=kernel)
+        return self.outnorm(h.transpose(1, 2))
+
+
+class ViLLayer(nn.Module):
+    """The mLSTM layer of a ViL block (DESIGN.md section 2), scanning in one direction."""
+
+    def __init__(
+        self,
+        dim: int,
+        reverse: bool,
+        expansion: int = 2,
+        qkv_block_size: int = 4,
+        conv_kernel_size: int = 4,
+        num_heads: int = 4,
+        mlstm_backend: Backend = "chunkwise",
+        chunk_size: int = 64,
+        mlstm_kernel: KernelChoice = "auto",
+    ) -> None:
+        super().__init__()
+        if mlstm_backend not in BACKENDS:
+            raise ValueError(f"mlstm_backend must be one of {BACKENDS}, got {mlstm_backend!r}")
+        inner = expansion * dim
+        if inner % num_heads:
+            raise ValueError(f"inner dim {inner} is not divisible by num_heads {num_heads}")
+        self.dim, self.reverse = dim, reverse
+        self.mlstm_backend, self.chunk_size, self.mlstm_kernel = mlstm_backend, chunk_size, mlstm_kernel
+        self.proj_up = nn.Linear(dim, 2 * inner, bias=False)
+        self.q_proj = BlockDiagonalLinear(inner, qkv_block_size)
+        self.k_proj = BlockDiagonalLinear(inner, qkv_block_size)
+        self.v_proj = BlockDiagonalLinear(inner, qkv_block_size)
+        self.conv1d = CausalConv1d(inner, conv_kernel_size)
+        self.mlstm_cell = MLSTMCell(inner, num_heads)
+        self.learnable_skip = nn.Parameter(torch.ones(inner))
+        self.proj_down = nn.Linear(inner, dim, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        small = math.sqrt(2 / (5 * self.dim))
+        for w in (self.proj_up.weight, self.q_proj.weight, self.k_proj.weight, self.v_proj.weight):
+            nn.init.normal_(w, std=small)
+        nn.init.normal_(self.proj_down.weight, std=2 / math.sqrt(self.dim))
+        self.conv1d.conv.reset_parameters()
+        self.mlstm_cell.reset_parameters()
+        nn.init.ones_(self.learnable_skip)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.reverse:
+            x = x.flip(1)
+        x_m, z = self.proj_up(x).chunk(2, dim=-1)
+        a = F.silu(self.conv1d(x_m))
+        h = self.mlstm_cell(
+            self.q_proj(a), self.k_proj(a), self.v_proj(x_m), self.mlstm_backend, self.chunk_size,
+            self.mlstm_kernel,
+        )
+        h = (h + self.learnable_skip * a) * F.silu(z)
+        out = self.proj_down(h)
+        return out.flip(1) if self.reverse else out
+
+
+class ViLBlock(nn.Module):
+    """Pre-norm residual block: ``x + drop_path(layer(norm(x)))``."""
+
+    def __init__(self, dim: int, reverse: bool, drop_path: float = 0.0, **layer_kwargs: Any) -> None:
+        super().__init__()
+        self.norm = OffsetLayerNorm(dim)
+        self.layer = ViLLayer(dim, reverse=reverse, **layer_kwargs)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop_path(self.layer(self.norm(x)))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, in_chans: int, dim: int, patch_size: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+        nn.init.xavier_uniform_(self.proj.weight.view(dim, -1))
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).permute(0, 2, 3, 1)  # (B, Hp, Wp, C)
+
+
+class PosEmbed2d(nn.Module):
+    """Learned (1, Hp, Wp, C) table, resampled bicubically to whatever token grid arrives."""
+
+    def __init__(self, grid: tuple[int, int], dim: int) -> None:
+        super().__init__()
+        self.embed = nn.Parameter(torch.zeros(1, *grid, dim))
+        trunc_normal_(self.embed, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + resample_pos_embed(self.embed, tuple(x.shape[1:3]))
+
+
+def resample_pos_embed(embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Bicubic resampling of a (1, H, W, C) position table to ``grid``; a no-op at the stored size."""
+    if tuple(embed.shape[1:3]) == tuple(grid):
+        return embed
+    table = F.interpolate(embed.permute(0, 3, 1, 2), size=grid, mode="bicubic", align_corners=False)
+    return table.permute(0, 2, 3, 1)
+
+
+def _to_2tuple(v: int | Sequence[int]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+class VisionLSTM(nn.Module):
+    """ViL encoder returning the token map after every stage, each (B, C, ceil(H/p), ceil(W/p)).
+
+    Args:
+        img_size: size the position table is stored for (the seed's 512 -> a 32x32 table); any input size
+            runs, the table is resampled.
+        depths: blocks per stage; block direction alternates inside each stage, restarting at 0.
+        drop_path_rate: maximum stochastic-depth rate; ``drop_path_decay="linear"`` ramps it over blocks,
+            ``"constant"`` uses it everywhere.
+        mlstm_backend: ``chunkwise`` (linear time, default), ``parallel`` (the seed's quadratic form) or
+            ``recurrent`` (reference).
+        chunk_size: chunk length of the chunkwise kernel.
+        mlstm_kernel: CUDA kernel choice, see ``seglstm.models.mlstm``.
+    """
+
+    def __init__(
+        self,
+        img_size: int | Sequence[int] = 512,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 384,
+        depths: Sequence[int] = (6, 6, 6, 6),
+        drop_path_rate: float = 0.0,
+        drop_path_decay: str = "linear",
+        expansion: int = 2,
+        qkv_block_size: int = 4,
+        conv_kernel_size: int = 4,
+        num_heads: int = 4,
+        mlstm_backend: Backend = "chunkwise",
+        chunk_size: int = 64,
+        mlstm_kernel: KernelChoice = "auto",
+    ) -> None:
+        super().__init__()
+        img_size = _to_2tuple(img_size)
+        if any(s % patch_size for s in img_size):
+            raise ValueError(f"img_size {img_size} must be a multiple of patch_size {patch_size}")
+        if not depths or any(int(d) < 1 for d in depths):
+            raise ValueError(f"depths must be a non-empty sequence of positive ints, got {depths!r}")
+        if drop_path_decay not in ("linear", "constant"):
+            raise ValueError(f"drop_path_decay must be 'linear' or 'constant', got {drop_path_decay!r}")
+        self.patch_size, self.embed_dim, self.depths = patch_size, embed_dim, tuple(int(d) for d in depths)
+        self.patch_embed = PatchEmbed(in_chans, embed_dim, patch_size)
+        self.pos_embed = PosEmbed2d((img_size[0] // patch_size, img_size[1] // patch_size), embed_dim)
+
+        total = sum(self.depths)
+        if drop_path_decay == "linear":
+            rates = [drop_path_rate * n / max(total - 1, 1) for n in range(total)]
+        else:
+            rates = [drop_path_rate] * total
+        layer_kwargs = dict(
+            expansion=expansion, qkv_block_size=qkv_block_size, conv_kernel_size=conv_kernel_size,
+            num_heads=num_heads, mlstm_backend=mlstm_backend, chunk_size=chunk_size, mlstm_kernel=mlstm_kernel,
+        )
+        start = 0
+        for s, depth in enumerate(self.depths):
+            blocks = nn.ModuleList(
+                ViLBlock(embed_dim, reverse=j % 2 == 1, drop_path=rates[start + j], **layer_kwargs)
+                for j in range(depth)
+            )
+            self.add_module(f"blocks{s + 1}", blocks)
+            start += depth
+        self.feature_info = [
+            dict(num_chs=embed_dim, reduction=patch_size, module=f"blocks{s + 1}") for s in range(len(self.depths))
+        ]
+
+    @property
+    def out_channels(self) -> list[int]:
+        return [f["num_chs"] for f in self.feature_info]
+
+    @property
+    def stages(self) -> list[nn.ModuleList]:
+        return [getattr(self, f"blocks{s + 1}") for s in range(len(self.depths))]
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed.embed"}
+
+    def set_mlstm_backend(self, backend: Backend, chunk_size: int | None = None) -> None:
+        """Switch every block's cell backend in place (weights unchanged)."""
+        if backend not in BACKENDS:
+            raise ValueError(f"mlstm_backend must be one of {BACKENDS}, got {backend!r}")
+        for m in self.modules():
+            if isinstance(m, ViLLayer):
+                m.mlstm_backend = backend
+                m.chunk_size = chunk_size or m.chunk_size
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Token maps after each stage as (B, Hp, Wp, C), channels last."""
+        if x.ndim != 4:
+            raise ValueError(f"expected a (B, C, H, W) image batch, got shape {tuple(x.shape)}")
+        p = self.patch_size
+        pad_h, pad_w = (-x.shape[2]) % p, (-x.shape[3]) % p
+        if pad_h or pad_w:  # partial patches at the bottom/right see zeros; the grid is ceil(H/p) x ceil(W/p)
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        x = self.pos_embed(self.patch_embed(x))
+        b, hp, wp, c = x.shape
+        x = x.reshape(b, hp * wp, c)
+        outs = []
+        for stage in self.stages:
+            for block in stage:
+                x = block(x)
+            outs.append(x.view(b, hp, wp, c))
+        return outs
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [t.permute(0, 3, 1, 2).contiguous() for t in self.forward_features(x)]
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: VisionLSTM) -> dict[str, torch.Tensor]:
+    """Map a Vision-LSTM v1 classification checkpoint onto our stages, drop the classifier parts and
+    resample the position table to the model's grid."""
+    out: dict[str, torch.Tensor] = {}
+    # flat block index -> (stage, index in stage)
+    where = [(s, j) for s, d in enumerate(model.depths) for j in range(d)]
+    dropped = ("legacy_norm.", "norm.", "head.", "cls_token")
+    n_blocks = 1 + max((int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.")), default=-1)
+    if n_blocks and n_blocks != len(where):
+        raise ValueError(
+            f"checkpoint has {n_blocks} blocks but the model has {len(where)} (depths {model.depths})"
+        )
+    for key, value in state_dict.items():
+        if key.startswith(dropped):
+            continue
+        if key.startswith("blocks."):
+            _, idx, rest = key.split(".", 2)
+            s, j = where[int(idx)]
+            key = f"blocks{s + 1}.{j}.{rest}"
+        out[key] = value
+    if "pos_embed.embed" in out:
+        out["pos_embed.embed"] = resample_pos_embed(out["pos_embed.embed"], tuple(model.pos_embed.embed.shape[1:3]))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# presets
+
+
+def _create_vil(embed_dim: int, depths: tuple[int, ...], **overrides: Any) -> VisionLSTM:
+    pretrained = overrides.pop("pretrained", None)
+    kwargs: dict[str, Any] = dict(embed_dim=embed_dim, depths=depths)
+    kwargs.update(overrides)
+    model = VisionLSTM(**kwargs)
+    if pretrained:
+        from seglstm.models.checkpoint import load_pretrained
+
+        load_pretrained(model, pretrained, strict=True)
+    return model
+
+
+@register_encoder
+def vil_t(**kwargs: Any) -> VisionLSTM:
+    """ViL-T width (192), Seg-LSTM's (6,6,6,6) layout."""
+    return _create_vil(192, (6, 6, 6, 6), **kwargs)
+
+
+@register_encoder
+def vil_s(**kwargs: Any) -> VisionLSTM:
+    """ViL-S width (384), the seed encoder: 22.72 M parameters at a 512 input table."""
+    return _create_vil(384, (6, 6, 6, 6), **kwargs)
+
+
+@register_encoder
+def vil_b(**kwargs: Any) -> VisionLSTM:
+    """ViL-B width (768), (6,6,6,6) layout."""
+    return _create_vil(768, (6, 6, 6, 6), **kwargs)
+
+
+@register_encoder
+def vil_t_44124(**kwargs: Any) -> VisionLSTM:
+    """ViL-T width, (4,4,12,4) layout."""
+    return _create_vil(192, (4, 4, 12, 4), **kwargs)
+
+
+@register_encoder
+def vil_s_44124(**kwargs: Any) -> VisionLSTM:
+    """ViL-S width, (4,4,12,4) layout (the seed's second configuration)."""
+    return _create_vil(384, (4, 4, 12, 4), **kwargs)
+
+
+@register_encoder
+def vil_b_44124(**kwargs: Any) -> VisionLSTM:
+    """ViL-B width, (4,4,12,4) layout."""
+    return _create_vil(768, (4, 4, 12, 4), **kwargs)
