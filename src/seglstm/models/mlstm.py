@@ -31,7 +31,7 @@ _TRITON_CHUNKWISE = "chunkwise--triton_xl_chunk"
 _NATIVE_CHUNKWISE = "chunkwise--native_autograd"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kernel(name: str) -> Callable:
     return get_mlstm_kernel(name)
 
