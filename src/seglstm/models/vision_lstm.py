@@ -45,9 +45,10 @@ class MultiHeadGroupNorm(nn.Module):
         self.eps = eps
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        # h: (B, S, NH, DH) -> normalise each head's DH features, then flatten heads.
+        # h: (B, NH, S, DH) as the kernels return it: normalise in that layout (contiguous), then a single
+        # transpose-copy to (B, S, e) that the output projection needs anyway.
         h = F.layer_norm(h, (h.shape[-1],), eps=self.eps)
-        return h.flatten(-2) * (1.0 + self.weight)
+        return h.transpose(1, 2).flatten(-2) * (1.0 + self.weight)
 
 
 class BlockDiagonalLinear(nn.Module):
@@ -101,15 +102,19 @@ class MLSTMCell(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Backend, chunk_size: int,
         kernel: KernelChoice,
     ) -> torch.Tensor:
-        qkv = torch.cat([q, k, v], dim=-1)
-        i = self.igate(qkv).transpose(1, 2)  # (B, NH, S)
-        f = self.fgate(qkv).transpose(1, 2)
+        """(B, S, e) queries, keys, values -> normalised cell output (B, S, NH, DH)."""
+        # Gates read concat(q, k, v); three skinny matmuls on the weight's column blocks give the same
+        # pre-activations without materialising the (B, S, 3e) concatenation.
+        w = torch.cat([self.igate.weight, self.fgate.weight])  # (2 NH, 3e)
+        wq, wk, wv = w.chunk(3, dim=1)
+        gates = F.linear(q, wq, torch.cat([self.igate.bias, self.fgate.bias])) + F.linear(k, wk) + F.linear(v, wv)
+        i, f = gates.transpose(1, 2).chunk(2, dim=1)  # (B, NH, S) each
 
         def heads(t: torch.Tensor) -> torch.Tensor:  # (B, S, e) -> (B, NH, S, DH)
             return t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
 
         h = mlstm(heads(q), heads(k), heads(v), i, f, backend=backend, chunk_size=chunk_size, kernel=kernel)
-        return self.outnorm(h.transpose(1, 2))
+        return self.outnorm(h)
 
 
 class ViLLayer(nn.Module):
@@ -163,7 +168,7 @@ class ViLLayer(nn.Module):
             self.q_proj(a), self.k_proj(a), self.v_proj(x_m), self.mlstm_backend, self.chunk_size,
             self.mlstm_kernel,
         )
-        h = (h + self.learnable_skip * a) * F.silu(z)
+        h = torch.addcmul(h, self.learnable_skip, a) * F.silu(z)
         out = self.proj_down(h)
         return out.flip(1) if self.reverse else out
 

@@ -1,0 +1,107 @@
+"""Forward time and peak memory of the vil_s encoder (chunkwise vs the seed's parallel backend) against
+timm's ViT-S/16, batch 1, square inputs.
+
+    python benchmarks/encoder_speed.py [--sizes 256 512 1024 2048] [--device cpu|cuda]
+
+Prints a table and writes benchmarks/results/encoder_speed[_cuda].json. Ratios, not absolute times, are
+the result: every row comes from the same run on the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, peak_memory_mib, print_table, run_isolated, start_memory, time_call, write_json
+
+MODELS = {
+    "vil_s/chunkwise": ("vil_s", {"mlstm_backend": "chunkwise"}),
+    "vil_s/parallel": ("vil_s", {"mlstm_backend": "parallel"}),
+    "vit_s16 (timm)": ("timm:vit_small_patch16_224", {}),
+}
+
+
+def build(name: str, kwargs: dict[str, Any]) -> torch.nn.Module:
+    if name.startswith("timm:"):
+        import timm
+
+        return timm.create_model(name[5:], dynamic_img_size=True, num_classes=0, pretrained=False)
+    import seglstm
+
+    return seglstm.create_encoder(name, **kwargs)
+
+
+def measure(model: str, size: int, device: str, slow: bool) -> dict[str, Any]:
+    dev = torch.device(device)
+    name, kwargs = MODELS[model]
+    net = build(name, kwargs).to(dev).eval()
+    x = torch.randn(1, 3, size, size, device=dev)
+    base = start_memory(dev)
+    with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        seconds = time_call(lambda: net(x), dev, repeats=1 if slow else 3, warmup=0 if slow else 1)
+    return {"seconds": seconds, "peak_mib": peak_memory_mib(dev, base)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024, 2048])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--max-parallel-size", type=int, default=1024,
+                        help="largest side for the quadratic backend (its S x S matrices outgrow RAM)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    rows = []
+    for size in args.sizes:
+        for model in MODELS:
+            if model.endswith("parallel") and size > args.max_parallel_size:
+                rows.append({"model": model, "side": size, "note": "skipped: quadratic memory"})
+                continue
+            slow = size >= 2048 or (model.endswith("parallel") and size >= 1024)
+            res = run_isolated(measure, model=model, size=size, device=args.device, slow=slow)
+            rows.append({"model": model, "side": size, **res})
+            print(f"{model:>18} {size:>5}: {res}", flush=True)
+
+    by = {(r["model"], r["side"]): r for r in rows}
+
+    def ratio(a: str, b: str, size: int) -> float | None:
+        ra, rb = by.get((a, size), {}), by.get((b, size), {})
+        if "seconds" in ra and "seconds" in rb:
+            return ra["seconds"] / rb["seconds"]
+        return None
+
+    summary = []
+    for size in args.sizes:
+        summary.append({
+            "side": size,
+            "vil/vit time": ratio("vil_s/chunkwise", "vit_s16 (timm)", size),
+            "parallel/chunkwise time": ratio("vil_s/parallel", "vil_s/chunkwise", size),
+        })
+    sizes = sorted(args.sizes)
+    growth = {}
+    for a, b in itertools.pairwise(sizes):
+        ra, rb = by.get(("vil_s/chunkwise", a), {}), by.get(("vil_s/chunkwise", b), {})
+        if "seconds" in ra and "seconds" in rb:
+            growth[f"{a}->{b}"] = {"time": rb["seconds"] / ra["seconds"],
+                                   "memory": rb["peak_mib"] / max(ra["peak_mib"], 1e-9)}
+    print()
+    print_table(rows, ["model", "side", "seconds", "peak_mib", "note", "error"])
+    print()
+    print_table(summary, ["side", "vil/vit time", "parallel/chunkwise time"])
+    print("\nchunkwise growth per doubling of the side (linear in pixels = 4x):")
+    for k, v in growth.items():
+        print(f"  {k}: time x{v['time']:.2f}, memory x{v['memory']:.2f}")
+    suffix = "" if args.device == "cpu" else f"_{args.device}"
+    out = args.out or Path(__file__).resolve().parent / "results" / f"encoder_speed{suffix}.json"
+    write_json(out, {"machine": machine(), "device": args.device, "rows": rows, "ratios": summary,
+                     "growth": growth})
+
+
+if __name__ == "__main__":
+    main()
