@@ -1,0 +1,363 @@
+"""Seg-LSTM model presets: a ViL encoder + one of the seed's five decode heads + the FCN auxiliary head.
+
+``seglstm_{upernet|ann|apcnet|deeplabv3|deeplabv3plus}_{t|s|b}`` use the (6,6,6,6) layout, the ``_44124``
+variants (4,4,12,4); ``seglstm_upernet_s`` is the seed's main model. ``seglstm_fcn_{t|s|b}`` is a plain FCN
+decoder on the same encoder. Every preset calls ``_create_seglstm``; head and auxiliary widths are the
+seed's (512 / 256) and input widths are read from the encoder (or neck) ``out_channels``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from seglstm.models.heads import (
+    ANNHead,
+    APCHead,
+    ASPPHead,
+    BaseDecodeHead,
+    DepthwiseSeparableASPPHead,
+    FCNHead,
+    UPerHead,
+)
+from seglstm.models.necks import MultiLevelNeck
+from seglstm.models.registry import create_encoder, register_model
+from seglstm.models.segmentor import EncoderDecoder
+
+__all__ = ["HEADS", "NECKS", "build_head"]
+
+HEADS: dict[str, type[BaseDecodeHead]] = {
+    "upernet": UPerHead,
+    "ann": ANNHead,
+    "apcnet": APCHead,
+    "deeplabv3": ASPPHead,
+    "deeplabv3plus": DepthwiseSeparableASPPHead,
+    "fcn": FCNHead,
+}
+NECKS = ("none", "multilevel")
+
+# The seed's decode-head settings (DESIGN.md section 1) beyond channels/dropout/align_corners.
+_HEAD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "upernet": dict(in_index=(0, 1, 2, 3), pool_scales=(1, 2, 3, 6)),
+    "ann": dict(in_index=(2, 3), project_channels=256, query_scales=(1,), key_pool_scales=(1, 3, 6, 8)),
+    "apcnet": dict(in_index=3, pool_scales=(1, 2, 3, 6)),
+    "deeplabv3": dict(in_index=3, dilations=(1, 12, 24, 36)),
+    "deeplabv3plus": dict(in_index=3, dilations=(1, 12, 24, 36), c1_channels=48),
+    "fcn": dict(in_index=3, num_convs=2, concat_input=True),
+}
+_AUX_DEFAULTS: dict[str, Any] = dict(in_index=2, channels=256, num_convs=1, concat_input=False, dropout_ratio=0.1)
+
+
+def build_head(
+    kind: str, in_channels: list[int], num_classes: int, channels: int = 512, **overrides: Any
+) -> BaseDecodeHead:
+    """Build one of ``HEADS`` with the seed's settings, taking its input widths from ``in_channels`` (one
+    entry per encoder/neck output)."""
+    if kind not in HEADS:
+        raise ValueError(f"unknown decode head {kind!r}; known: {', '.join(HEADS)}")
+    cfg: dict[str, Any] = dict(_HEAD_DEFAULTS[kind], channels=channels, num_classes=num_classes, **overrides)
+    index = cfg["in_index"]
+    picks = list(index) if isinstance(index, (list, tuple)) else [index]
+    for i in picks:
+        if not -len(in_channels) <= i < len(in_channels):
+            raise ValueError(f"{kind} head in_index {index} is out of range for {len(in_channels)} feature maps")
+    widths = [in_channels[i] for i in picks]
+    cfg["in_channels"] = widths if isinstance(index, (list, tuple)) else widths[0]
+    if kind == "deeplabv3plus":
+        cfg.setdefault("c1_in_channels", in_channels[0])
+    return HEADS[kind](**cfg)
+
+
+def _split_overrides(head_cls: type[BaseDecodeHead], overrides: Mapping[str, Any]) -> tuple[dict, dict]:
+    """Send the keyword arguments that the head's (or its bases') constructor names to the head, the
+    rest to the encoder."""
+    names: set[str] = set()
+    for cls in head_cls.__mro__:
+        if issubclass(cls, BaseDecodeHead):
+            names |= set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs", "in_channels"}
+    head = {k: v for k, v in overrides.items() if k in names}
+    encoder = {k: v for k, v in overrides.items() if k not in names}
+    return head, encoder
+
+
+def _create_seglstm(
+    head: str,
+    encoder: str,
+    *,
+    num_classes: int,
+    neck: str = "none",
+    neck_channels: int | None = None,
+    auxiliary: bool = True,
+    aux_cfg: Mapping[str, Any] | None = None,
+    pretrained: str | os.PathLike | None = None,
+    aux_loss_weight: float = 0.4,
+    class_weight: list[float] | None = None,
+    dice_weight: float = 0.0,
+    lovasz_weight: float = 0.0,
+    avg_non_ignore: bool = False,
+    ignore_index: int = 255,
+    test_cfg: Mapping[str, Any] | None = None,
+    **overrides: Any,
+) -> EncoderDecoder:
+    """Assemble encoder, optional neck, decode head and auxiliary FCN head.
+
+    Args:
+        head / encoder: a key of ``HEADS`` and a registered encoder name.
+        num_classes: classes of both heads.
+        neck: ``"none"`` (the seed: the four 1/16 maps go straight to the head) or ``"multilevel"``
+            (``MultiLevelNeck`` to 1/4 .. 1/32, ``neck_channels`` wide, the encoder width by default).
+        auxiliary: add the seed's auxiliary FCNHead (in_index 2, 256 channels); ``aux_cfg`` overrides it.
+        pretrained: checkpoint loaded with ``seglstm.models.checkpoint.load_pretrained`` (a Seg-LSTM/mmseg
+            segmentor checkpoint, or a Vision-LSTM classification checkpoint for the encoder only).
+        aux_loss_weight, class_weight, dice_weight, lovasz_weight, avg_non_ignore, ignore_index, test_cfg:
+            passed to ``EncoderDecoder``.
+        **overrides: keyword arguments of the decode head's constructor (``channels``, ``dropout_ratio``,
+            ``pool_scales`` ...) go to the head, all others to the encoder (``img_size``, ``depths``,
+            ``mlstm_backend``, ``drop_path_rate`` ...).
+    """
+    if neck not in NECKS:
+        raise ValueError(f"neck must be one of {NECKS}, got {neck!r}")
+    if head not in HEADS:
+        raise ValueError(f"unknown decode head {head!r}; known: {', '.join(HEADS)}")
+    head_kw, encoder_kw = _split_overrides(HEADS[head], overrides)
+    backbone = create_encoder(encoder, **encoder_kw)
+    widths = list(backbone.out_channels)
+    neck_module = None
+    if neck == "multilevel":
+        reductions = [int(f["reduction"]) for f in backbone.feature_info]
+        neck_module = MultiLevelNeck(widths, neck_channels or widths[-1], in_reductions=reductions)
+        widths = list(neck_module.out_channels)
+    elif neck_channels is not None:
+        raise ValueError("neck_channels only applies to neck='multilevel'")
+    decode_head = build_head(head, widths, num_classes, **head_kw)
+    aux_head = None
+    if auxiliary:
+        aux = dict(_AUX_DEFAULTS, **(aux_cfg or {}))
+        aux_index = aux["in_index"]
+        if not -len(widths) <= aux_index < len(widths):
+            raise ValueError(f"auxiliary in_index {aux_index} is out of range for {len(widths)} feature maps")
+        aux_head = FCNHead(widths[aux_index], num_classes=num_classes, **aux)
+    elif aux_cfg:
+        raise ValueError("aux_cfg given with auxiliary=False")
+    model = EncoderDecoder(
+        backbone, decode_head, neck=neck_module, auxiliary_head=aux_head, aux_loss_weight=aux_loss_weight,
+        class_weight=class_weight, dice_weight=dice_weight, lovasz_weight=lovasz_weight,
+        avg_non_ignore=avg_non_ignore, ignore_index=ignore_index, test_cfg=test_cfg,
+    )
+    if pretrained:
+        from seglstm.models.checkpoint import load_pretrained
+
+        load_pretrained(model, pretrained, strict=True)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# presets: (6,6,6,6) layout
+
+
+@register_model
+def seglstm_upernet_t(**kwargs: Any) -> EncoderDecoder:
+    """UPerNet on ViL-T width, (6,6,6,6)."""
+    return _create_seglstm("upernet", "vil_t", **kwargs)
+
+
+@register_model
+def seglstm_upernet_s(**kwargs: Any) -> EncoderDecoder:
+    """UPerNet on ViL-S, (6,6,6,6): the seed's main Seg-LSTM model."""
+    return _create_seglstm("upernet", "vil_s", **kwargs)
+
+
+@register_model
+def seglstm_upernet_b(**kwargs: Any) -> EncoderDecoder:
+    """UPerNet on ViL-B width, (6,6,6,6)."""
+    return _create_seglstm("upernet", "vil_b", **kwargs)
+
+
+@register_model
+def seglstm_ann_t(**kwargs: Any) -> EncoderDecoder:
+    """ANN on ViL-T width, (6,6,6,6)."""
+    return _create_seglstm("ann", "vil_t", **kwargs)
+
+
+@register_model
+def seglstm_ann_s(**kwargs: Any) -> EncoderDecoder:
+    """ANN on ViL-S, (6,6,6,6)."""
+    return _create_seglstm("ann", "vil_s", **kwargs)
+
+
+@register_model
+def seglstm_ann_b(**kwargs: Any) -> EncoderDecoder:
+    """ANN on ViL-B width, (6,6,6,6)."""
+    return _create_seglstm("ann", "vil_b", **kwargs)
+
+
+@register_model
+def seglstm_apcnet_t(**kwargs: Any) -> EncoderDecoder:
+    """APCNet on ViL-T width, (6,6,6,6)."""
+    return _create_seglstm("apcnet", "vil_t", **kwargs)
+
+
+@register_model
+def seglstm_apcnet_s(**kwargs: Any) -> EncoderDecoder:
+    """APCNet on ViL-S, (6,6,6,6)."""
+    return _create_seglstm("apcnet", "vil_s", **kwargs)
+
+
+@register_model
+def seglstm_apcnet_b(**kwargs: Any) -> EncoderDecoder:
+    """APCNet on ViL-B width, (6,6,6,6)."""
+    return _create_seglstm("apcnet", "vil_b", **kwargs)
+
+
+@register_model
+def seglstm_deeplabv3_t(**kwargs: Any) -> EncoderDecoder:
+    """DeepLabV3 (ASPP) on ViL-T width, (6,6,6,6)."""
+    return _create_seglstm("deeplabv3", "vil_t", **kwargs)
+
+
+@register_model
+def seglstm_deeplabv3_s(**kwargs: Any) -> EncoderDecoder:
+    """DeepLabV3 (ASPP) on ViL-S, (6,6,6,6)."""
+    return _create_seglstm("deeplabv3", "vil_s", **kwargs)
+
+
+@register_model
+def seglstm_deeplabv3_b(**kwargs: Any) -> EncoderDecoder:
+    """DeepLabV3 (ASPP) on ViL-B width, (6,6,6,6)."""
+    return _create_seglstm("deeplabv3", "vil_b", **kwargs)
+
+
+@register_model
+def seglstm_deeplabv3plus_t(**kwargs: Any) -> EncoderDecoder:
+    """DeepLabV3+ on ViL-T width, (6,6,6,6)."""
+    return _create_seglstm("deeplabv3plus", "vil_t", **kwargs)
+
+
+@register_model
+def seglstm_deeplabv3plus_s(**kwargs: Any) -> EncoderDecoder:
+    """DeepLabV3+ on ViL-S, (6,6,6,6)."""
+    return _create_seglstm("deeplabv3plus", "vil_s", **kwargs)
+
+
+@register_model
+def seglstm_deeplabv3plus_b(**kwargs: Any) -> EncoderDecoder:
+    """DeepLabV3+ on ViL-B width, (6,6,6,6)."""
+    return _create_seglstm("deeplabv3plus", "vil_b", **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# presets: (4,4,12,4) layout
+
+
+@register_model
+def seglstm_upernet_t_44124(**kwargs: Any) -> EncoderDecoder:
+    """UPerNet on ViL-T width, (4,4,12,4)."""
+    return _create_seglstm("upernet", "vil_t_44124", **kwargs)
+
+
+@register_model
+def seglstm_upernet_s_44124(**kwargs: Any) -> EncoderDecoder:
+    """UPerNet on ViL-S, (4,4,12,4): the seed's second layout."""
+    return _create_seglstm("upernet", "vil_s_44124", **kwargs)
+
+
+@register_model
+def seglstm_upernet_b_44124(**kwargs: Any) -> EncoderDecoder:
+    """UPerNet on ViL-B width, (4,4,12,4)."""
+    return _create_seglstm("upernet", "vil_b_44124", **kwargs)
+
+
+@register_model
+def seglstm_ann_t_44124(**kwargs: Any) -> EncoderDecoder:
+    """ANN on ViL-T width, (4,4,12,4)."""
+    return _create_seglstm("ann", "vil_t_44124", **kwargs)
+
+
+@register_model
+def seglstm_ann_s_44124(**kwargs: Any) -> EncoderDecoder:
+    """ANN on ViL-S, (4,4,12,4)."""
+    return _create_seglstm("ann", "vil_s_44124", **kwargs)
+
+
+@register_model
+def seglstm_ann_b_44124(**kwargs: Any) -> EncoderDecoder:
+    """ANN on ViL-B width, (4,4,12,4)."""
+    return _create_seglstm("ann", "vil_b_44124", **kwargs)
+
+
+@register_model
+def seglstm_apcnet_t_44124(**kwargs: Any) -> EncoderDecoder:
+    """APCNet on ViL-T width, (4,4,12,4)."""
+    return _create_seglstm("apcnet", "vil_t_44124", **kwargs)
+
+
+@register_model
+def seglstm_apcnet_s_44124(**kwargs: Any) -> EncoderDecoder:
+    """APCNet on ViL-S, (4,4,12,4)."""
+    return _create_seglstm("apcnet", "vil_s_44124", **kwargs)
+
+
+@register_model
+def seglstm_apcnet_b_44124(**kwargs: Any) -> EncoderDecoder:
+    """APCNet on ViL-B width, (4,4,12,4)."""
+    return _create_seglstm("apcnet", "vil_b_44124", **kwargs)
+
+
+@register_model
+def seglstm_deeplabv3_t_44124(**kwargs: Any) -> EncoderDecoder:
+    """DeepLabV3 (ASPP) on ViL-T width, (4,4,12,4)."""
+    return _create_seglstm("deeplabv3", "vil_t_44124", **kwargs)
+
+
+@register_model
+def seglstm_deeplabv3_s_44124(**kwargs: Any) -> EncoderDecoder:
+    """DeepLabV3 (ASPP) on ViL-S, (4,4,12,4)."""
+    return _create_seglstm("deeplabv3", "vil_s_44124", **kwargs)
+
+
+@register_model
+def seglstm_deeplabv3_b_44124(**kwargs: Any) -> EncoderDecoder:
+    """DeepLabV3 (ASPP) on ViL-B width, (4,4,12,4)."""
+    return _create_seglstm("deeplabv3", "vil_b_44124", **kwargs)
+
+
+@register_model
+def seglstm_deeplabv3plus_t_44124(**kwargs: Any) -> EncoderDecoder:
+    """DeepLabV3+ on ViL-T width, (4,4,12,4)."""
+    return _create_seglstm("deeplabv3plus", "vil_t_44124", **kwargs)
+
+
+@register_model
+def seglstm_deeplabv3plus_s_44124(**kwargs: Any) -> EncoderDecoder:
+    """DeepLabV3+ on ViL-S, (4,4,12,4)."""
+    return _create_seglstm("deeplabv3plus", "vil_s_44124", **kwargs)
+
+
+@register_model
+def seglstm_deeplabv3plus_b_44124(**kwargs: Any) -> EncoderDecoder:
+    """DeepLabV3+ on ViL-B width, (4,4,12,4)."""
+    return _create_seglstm("deeplabv3plus", "vil_b_44124", **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# plain FCN decoder (not in the seed)
+
+
+@register_model
+def seglstm_fcn_t(**kwargs: Any) -> EncoderDecoder:
+    """FCN decoder (2 convs + input concat, on the last stage) on ViL-T width, (6,6,6,6)."""
+    return _create_seglstm("fcn", "vil_t", **kwargs)
+
+
+@register_model
+def seglstm_fcn_s(**kwargs: Any) -> EncoderDecoder:
+    """FCN decoder on ViL-S, (6,6,6,6)."""
+    return _create_seglstm("fcn", "vil_s", **kwargs)
+
+
+@register_model
+def seglstm_fcn_b(**kwargs: Any) -> EncoderDecoder:
+    """FCN decoder on ViL-B width, (6,6,6,6)."""
+    return _create_seglstm("fcn", "vil_b", **kwargs)
