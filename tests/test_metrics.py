@@ -33,9 +33,18 @@ def _reference(preds: list[np.ndarray], labels: list[np.ndarray], k: int, ignore
         f1 = 2 * prec * acc / (prec + acc)
         norm = confmat / confmat.sum(axis=1, keepdims=True)
     return {
-        "IoU": iou, "Acc": acc, "Recall": acc, "Precision": prec, "Dice": dice, "Fscore": f1,
-        "aAcc": inter.sum() / area_label.sum(), "mIoU": np.nanmean(iou), "mAcc": np.nanmean(acc),
-        "mDice": np.nanmean(dice), "mFscore": np.nanmean(f1), "confusion_matrix": confmat,
+        "IoU": iou,
+        "Acc": acc,
+        "Recall": acc,
+        "Precision": prec,
+        "Dice": dice,
+        "Fscore": f1,
+        "aAcc": inter.sum() / area_label.sum(),
+        "mIoU": np.nanmean(iou),
+        "mAcc": np.nanmean(acc),
+        "mDice": np.nanmean(dice),
+        "mFscore": np.nanmean(f1),
+        "confusion_matrix": confmat,
         "confusion_matrix_normalized": norm,
     }
 
@@ -43,7 +52,9 @@ def _reference(preds: list[np.ndarray], labels: list[np.ndarray], k: int, ignore
 def _check(got: dict, ref: dict) -> None:
     for key in ("IoU", "Acc", "Recall", "Precision", "Dice", "Fscore", "confusion_matrix_normalized"):
         assert got[key].dtype == torch.float64
-        np.testing.assert_allclose(got[key].numpy(), ref[key], rtol=1e-12, atol=0, equal_nan=True, err_msg=key)
+        np.testing.assert_allclose(
+            got[key].numpy(), ref[key], rtol=1e-12, atol=0, equal_nan=True, err_msg=key
+        )
     for key in ("aAcc", "mIoU", "mAcc", "mDice", "mFscore"):
         assert isinstance(got[key], float)
         assert got[key] == pytest.approx(ref[key], rel=1e-12), key

@@ -80,7 +80,9 @@ class SegmentationMetrics(Metric):
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
         if 0 <= ignore_index < num_classes:
-            raise ValueError(f"ignore_index={ignore_index} collides with a class index (num_classes={num_classes})")
+            raise ValueError(
+                f"ignore_index={ignore_index} collides with a class index (num_classes={num_classes})"
+            )
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.add_state(
@@ -95,10 +97,14 @@ class SegmentationMetrics(Metric):
                     f"num_classes={self.num_classes}"
                 )
             if pred.shape[:1] + pred.shape[2:] != target.shape:
-                raise ValueError(f"logits shape {tuple(pred.shape)} does not match target shape {tuple(target.shape)}")
+                raise ValueError(
+                    f"logits shape {tuple(pred.shape)} does not match target shape {tuple(target.shape)}"
+                )
             return pred.argmax(dim=1)
         if pred.shape != target.shape:
-            raise ValueError(f"pred shape {tuple(pred.shape)} does not match target shape {tuple(target.shape)}")
+            raise ValueError(
+                f"pred shape {tuple(pred.shape)} does not match target shape {tuple(target.shape)}"
+            )
         if pred.is_floating_point():
             raise ValueError("pred of the same shape as target must hold integer class indices, got floats")
         return pred

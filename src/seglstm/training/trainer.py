@@ -1,0 +1,128 @@
+"""``SegTrainer``: Lightning's Trainer with the project's run layout and device-dependent defaults.
+
+What it adds over ``lightning.pytorch.Trainer`` (every other argument is passed through unchanged):
+
+- ``precision="auto"``: ``bf16-mixed`` on a CUDA GPU that supports it (else ``16-mixed``), ``32-true`` on the
+  CPU. Mixed precision on the CPU is refused: it is slow there and the project's CPU numbers are float32.
+- ``sync_batchnorm="auto"``: SyncBatchNorm when training on several CUDA devices (the seed's SyncBN under
+  DDP); off on the CPU, where torch has no SyncBatchNorm kernel.
+- ``logger=None``/``True``: a CSV logger and a TensorBoard logger sharing one ``logs/version_N`` folder under
+  ``default_root_dir``, so ``seglstm plot-log`` and TensorBoard read the same run.
+- checkpoints are always written atomically (:class:`~seglstm.training.callbacks.AtomicCheckpointIO`), and
+  the progress bar counts iterations to ``max_steps`` with an ETA.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import torch
+from lightning.fabric.plugins import CheckpointIO
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import Callback, ProgressBar
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+
+from seglstm.training.callbacks import AtomicCheckpointIO, StepProgressBar
+
+MIXED = ("16-mixed", "bf16-mixed", "16", "bf16", 16, "16-true", "bf16-true")
+
+
+def _wants_cuda(accelerator: Any) -> bool:
+    if isinstance(accelerator, str):
+        if accelerator in ("cuda", "gpu"):
+            return True
+        if accelerator == "auto":
+            return torch.cuda.is_available()
+        return False
+    return type(accelerator).__name__ == "CUDAAccelerator"
+
+
+def _device_count(devices: Any) -> int:
+    if isinstance(devices, int):
+        return devices if devices > 0 else torch.cuda.device_count()
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    if isinstance(devices, str):
+        if devices in ("auto", "-1"):
+            return torch.cuda.device_count()
+        return len([d for d in devices.split(",") if d.strip()]) if "," in devices else int(devices)
+    return 1
+
+
+def resolve_precision(precision: Any, accelerator: Any = "auto") -> Any:
+    """``auto`` -> bf16-mixed / 16-mixed on CUDA, 32-true elsewhere; mixed precision off CUDA is an error."""
+    cuda = _wants_cuda(accelerator)
+    if precision in (None, "auto"):
+        if not cuda:
+            return "32-true"
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    if precision in MIXED and not cuda:
+        raise ValueError(
+            f"trainer.precision={precision!r} needs a CUDA device (accelerator={accelerator!r}); use 'auto' or "
+            "'32-true' on the CPU"
+        )
+    return precision
+
+
+def default_loggers(root_dir: str) -> list[Logger]:
+    """CSV + TensorBoard in ``<root_dir>/logs/version_N`` (TensorBoard in its ``tb`` subfolder)."""
+    csv = CSVLogger(root_dir, name="logs")
+    return [
+        csv,
+        TensorBoardLogger(root_dir, name="logs", version=csv.version, sub_dir="tb", default_hp_metric=False),
+    ]
+
+
+class SegTrainer(Trainer):
+    """Lightning Trainer with ``precision``/``sync_batchnorm`` resolved per device and the run layout above.
+
+    Args:
+        precision: ``auto`` (see module docstring) or any Lightning precision.
+        sync_batchnorm: ``auto``, ``True`` or ``False``.
+        logger: ``None``/``True`` for the CSV + TensorBoard pair, ``False`` for none, or Lightning loggers.
+        callbacks: Lightning callbacks; a :class:`StepProgressBar` is added unless one is given.
+        plugins: Lightning plugins; :class:`AtomicCheckpointIO` is added unless a ``CheckpointIO`` is given.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        precision: str | int | None = "auto",
+        sync_batchnorm: bool | Literal["auto"] = "auto",
+        logger: Logger | Iterable[Logger] | bool | None = None,
+        callbacks: list[Callback] | Callback | None = None,
+        plugins: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        accelerator = kwargs.get("accelerator", "auto")
+        precision = resolve_precision(precision, accelerator)
+        if sync_batchnorm == "auto":
+            sync_batchnorm = _wants_cuda(accelerator) and (
+                _device_count(kwargs.get("devices", "auto")) * int(kwargs.get("num_nodes", 1) or 1) > 1
+            )
+        root = kwargs.get("default_root_dir") or os.getcwd()
+        if logger is None or logger is True:
+            logger = default_loggers(str(root))
+        callbacks = (
+            [] if callbacks is None else list(callbacks) if isinstance(callbacks, list) else [callbacks]
+        )
+        if kwargs.get("enable_progress_bar", True) is not False and not any(
+            isinstance(c, ProgressBar) for c in callbacks
+        ):
+            callbacks.append(StepProgressBar())
+        plugin_list = (
+            [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        )
+        if not any(isinstance(p, CheckpointIO) for p in plugin_list):
+            plugin_list.append(AtomicCheckpointIO())
+        super().__init__(
+            *args,
+            precision=precision,
+            sync_batchnorm=sync_batchnorm,
+            logger=logger,
+            callbacks=callbacks,
+            plugins=plugin_list,
+            **kwargs,
+        )
