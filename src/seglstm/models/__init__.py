@@ -1,6 +1,8 @@
 """Encoders, necks, decode heads and segmentors. Importing this package registers every preset."""
 
-from seglstm.models import vision_lstm  # noqa: F401  (registers vil_* encoders)
+# Importing these modules runs their @register_* decorators: vil_* and vmamba_* encoders, seglstm_* and the
+# comparison segmentors.
+from seglstm.models import comparison, mamba, seglstm, vision_lstm  # noqa: F401
 from seglstm.models.checkpoint import CheckpointMismatchError, LoadReport, load_pretrained
 from seglstm.models.registry import create_encoder, create_model, list_encoders, list_models
 from seglstm.models.vision_lstm import VisionLSTM
