@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import inspect
 import math
+import random
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
@@ -24,6 +26,28 @@ from seglstm.training.optim import NO_DECAY_KEYS, build_adamw, build_warmup_poly
 from seglstm.training.reports import format_metrics_table
 
 META_KEY = "seglstm_meta"
+RNG_KEY = "seglstm_rng"
+
+
+def rng_state() -> dict[str, Any]:
+    """Global RNG states (torch, CUDA, numpy, Python) as tensors and plain types (``weights_only``-safe)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, inner, gauss_py = state["python"]
+    random.setstate((version, tuple(inner), gauss_py))
 
 
 def _shapes(ori_shape: Any, batch_size: int) -> list[tuple[int, int]]:
@@ -149,7 +173,9 @@ class SegmentationTask(LightningModule):
         return meta
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Plain types only: load_segmentor reads checkpoints with weights_only=True.
+        # Plain types only: load_segmentor reads checkpoints with weights_only=True. The RNG states make a
+        # resumed run draw the same dropout masks as an uninterrupted one (Lightning does not save them).
+        checkpoint[RNG_KEY] = rng_state()
         checkpoint[META_KEY] = {
             **self.meta,
             "classes": list(self.class_names),
@@ -161,6 +187,8 @@ class SegmentationTask(LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if RNG_KEY in checkpoint and self._trainer is not None and self.trainer.state.fn == "fit":
+            set_rng_state(checkpoint[RNG_KEY])
         meta = checkpoint.get(META_KEY)
         if meta:
             self.class_names = list(meta.get("classes", self.class_names))
