@@ -1,0 +1,98 @@
+"""``seglstm check-data CONFIG``: build every split a training config uses, read every item, print a
+per-class pixel histogram and per-band statistics, and exit 1 listing the problems found."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="seglstm check-data",
+        description="Validate the dataset of a LightningCLI config (its data.init_args for "
+        "seglstm.data.SegDataModule): pairing, sizes, label range and readability of every file.",
+    )
+    p.add_argument("config", type=Path, help="YAML config with a data: section")
+    p.add_argument(
+        "--split",
+        action="append",
+        help="check only this split (repeatable; default: train, val and the test split; 'predict' checks "
+        "predict_root)",
+    )
+    p.add_argument("--workers", type=int, default=0, help="loader processes (default 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def data_init_args(config: Path) -> dict[str, Any]:
+    """The SegDataModule arguments of a LightningCLI YAML (``data.init_args`` or a plain ``data`` mapping)."""
+    try:
+        doc = yaml.safe_load(config.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"{config}: cannot read the config ({err})") from err
+    data = doc.get("data") if isinstance(doc, dict) else None
+    if not isinstance(data, dict):
+        raise ValueError(f"{config}: no 'data:' section")
+    class_path = data.get("class_path")
+    if class_path is not None and class_path.rsplit(".", 1)[-1] != "SegDataModule":
+        raise ValueError(f"{config}: data.class_path is {class_path!r}, not seglstm.data.SegDataModule")
+    args = data.get("init_args", {} if class_path is not None else data)
+    if not isinstance(args, dict):
+        raise ValueError(f"{config}: data.init_args must be a mapping")
+    return dict(args)
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    from seglstm.data import SegDataModule
+    from seglstm.data.check import check_dataset
+    from seglstm.data.io import DataError, DatasetNotFoundError
+
+    try:
+        module = SegDataModule(**data_init_args(args.config))
+    except (ValueError, TypeError, DataError, DatasetNotFoundError) as err:
+        print(f"seglstm check-data: {args.config}: {err}", file=sys.stderr)
+        return 1
+    splits = args.split or list(dict.fromkeys(["train", "val", module.test_split]))
+    problems: list[str] = []
+    for split in splits:
+        if split == "predict":
+            problems += _check_predict(module)
+            continue
+        try:
+            dataset = module.build_split(split)
+        except (ValueError, DataError, DatasetNotFoundError) as err:
+            problems.append(f"{split}: {err}")
+            continue
+        report = check_dataset(dataset, num_workers=args.workers, progress=not args.quiet)
+        print(report.table())
+        problems += report.problems
+    if problems:
+        print(f"\n{len(problems)} problem(s):", file=sys.stderr)
+        for problem in problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 1
+    print("\nno problems found")
+    return 0
+
+
+def _check_predict(module: Any) -> list[str]:
+    from seglstm.data.io import DataError
+
+    if module.predict_root is None:
+        return ["predict: the config has no predict_root"]
+    module.setup("predict")
+    data = module.datasets["predict"]
+    problems = []
+    for i in range(len(data)):
+        try:
+            data[i]
+        except DataError as err:
+            problems.append(str(err))
+    print(f"predict: {len(data) - len(problems)}/{len(data)} images readable in {module.predict_root}")
+    return problems

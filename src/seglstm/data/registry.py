@@ -1,0 +1,69 @@
+"""Dataset names -> classes, and the per-dataset keyword arguments shared by the DataModule and
+``seglstm check-data`` (which must build exactly the datasets a config trains on)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from seglstm.data.base import SegDataset
+from seglstm.data.folder import SegFolder
+from seglstm.data.io import DEFAULT_MAX_PIXELS
+from seglstm.data.isprs import Potsdam, Vaihingen
+from seglstm.data.loveda import LoveDA
+
+DATASETS: dict[str, type[SegDataset]] = {
+    "loveda": LoveDA,
+    "potsdam": Potsdam,
+    "vaihingen": Vaihingen,
+    "folder": SegFolder,
+}
+
+
+def dataset_class(name: str) -> type[SegDataset]:
+    """The class registered under ``name`` (case-insensitive)."""
+    try:
+        return DATASETS[name.lower()]
+    except (KeyError, AttributeError):
+        raise ValueError(f"dataset={name!r} is not one of {sorted(DATASETS)}") from None
+
+
+def build_dataset(name: str, root: str | Path, split: str, **kwargs: Any) -> SegDataset:
+    """``DATASETS[name](root, split=split, **kwargs)``, e.g. ``build_dataset("loveda", "data/loveDA", "val")``."""
+    return dataset_class(name)(root, split=split, **kwargs)
+
+
+def dataset_kwargs(
+    name: str,
+    domain: str = "both",
+    classes_file: str | None = None,
+    bands: Sequence[int] | None = None,
+    img_suffix: str | None = None,
+    ann_suffix: str | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> dict[str, Any]:
+    """Constructor arguments for dataset ``name`` from DataModule-style settings, rejecting settings that
+    the dataset does not have (rather than ignoring them)."""
+    cls = dataset_class(name)
+    kwargs: dict[str, Any] = {"max_pixels": max_pixels}
+    if cls is LoveDA:
+        kwargs["domain"] = domain
+    elif domain != "both":
+        raise ValueError(f"domain={domain!r} only applies to dataset='loveda', not {name!r}")
+    if cls is SegFolder:
+        kwargs.update(classes_file=classes_file, bands=None if bands is None else list(bands))
+    else:
+        for arg, value in (("classes_file", classes_file), ("bands", bands)):
+            if value is not None:
+                raise ValueError(f"{arg}={value!r} only applies to dataset='folder', not {name!r}")
+    if cls is LoveDA:
+        for arg, value in (("img_suffix", img_suffix), ("ann_suffix", ann_suffix)):
+            if value is not None:
+                raise ValueError(f"{arg}={value!r} does not apply to dataset='loveda' (its files are .png)")
+    else:
+        if img_suffix is not None:
+            kwargs["img_suffix"] = img_suffix
+        if ann_suffix is not None:
+            kwargs["ann_suffix"] = ann_suffix
+    return kwargs
