@@ -263,13 +263,25 @@ def test_multilevel_neck_shapes_feature_info_and_math():
     assert [f["reduction"] for f in neck.feature_info] == [4, 8, 16, 32]
     assert neck.out_channels == [8, 8, 8, 8]
     for i, s in enumerate((4, 2, 1, 0.5)):
-        lat = F.conv2d(xs[i], neck.lateral_convs[i].conv.weight, neck.lateral_convs[i].conv.bias)
+        lat = F.conv2d(xs[i], neck.lateral_convs[str(i)].conv.weight, neck.lateral_convs[str(i)].conv.bias)
         if s != 1:
             lat = F.interpolate(lat, scale_factor=s, mode="bilinear", align_corners=False)
-        ref = F.conv2d(lat, neck.convs[i].conv.weight, neck.convs[i].conv.bias, padding=1)
+        ref = F.conv2d(lat, neck.convs[str(i)].conv.weight, neck.convs[str(i)].conv.bias, padding=1)
         torch.testing.assert_close(outs[i], ref, rtol=1e-10, atol=1e-10)
     assert set(neck.state_dict()) == {f"{n}.{i}.conv.{p}" for n in ("lateral_convs", "convs") for i in range(4)
                                       for p in ("weight", "bias")}
+
+
+def test_multilevel_neck_builds_only_the_levels_heads_read():
+    neck = MultiLevelNeck([4, 4, 4, 4], 8, out_indices=(-1, 0))
+    assert neck.out_indices == [0, 3]
+    assert {k.split(".")[1] for k in neck.state_dict()} == {"0", "3"}
+    outs = neck([torch.randn(1, 4, 6, 10) for _ in range(4)])
+    assert outs[1] is None and outs[2] is None
+    assert tuple(outs[0].shape) == (1, 8, 24, 40) and tuple(outs[3].shape) == (1, 8, 3, 5)
+    assert [f["reduction"] for f in neck.feature_info] == [4, 8, 16, 32]  # indices keep their meaning
+    with pytest.raises(ValueError, match="feature map 2 but it was not computed"):
+        FCNHead(8, 8, num_classes=K, in_index=2)(outs)
 
 
 def test_multilevel_neck_broadcasts_one_input_and_checks_lengths():

@@ -32,6 +32,9 @@ class MultiLevelNeck(nn.Module):
             (16 each for ViL with patch 16).
         norm: add BatchNorm to every conv.
         act: add ReLU to every conv.
+        out_indices: outputs to build, when the heads read only some of them; the others are neither
+            built nor computed and come out as ``None``. Building unread levels would leave parameters
+            without gradients (which DDP rejects) and spend the most compute at the finest scale.
     """
 
     def __init__(
@@ -42,6 +45,7 @@ class MultiLevelNeck(nn.Module):
         in_reductions: Sequence[int] | None = None,
         norm: bool = False,
         act: bool = False,
+        out_indices: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         in_channels = list(in_channels)
@@ -55,10 +59,21 @@ class MultiLevelNeck(nn.Module):
             in_reductions = [16] * len(in_channels)
         if len(in_reductions) != len(in_channels):
             raise ValueError(f"in_reductions {list(in_reductions)} must match in_channels {in_channels}")
+        n = len(scales)
+        if out_indices is None:
+            out_indices = range(n)
+        if any(not -n <= i < n for i in out_indices):
+            raise ValueError(f"out_indices {list(out_indices)} out of range for {n} scales")
+        self.out_indices = sorted({i % n for i in out_indices})
         self.in_channels, self.scales = in_channels, tuple(float(s) for s in scales)
-        self.lateral_convs = nn.ModuleList(ConvModule(c, out_channels, 1, norm=norm, act=act) for c in in_channels)
-        self.convs = nn.ModuleList(
-            ConvModule(out_channels, out_channels, 3, padding=1, norm=norm, act=act) for _ in self.scales
+        # ModuleDicts keyed "0".."3" give the same state-dict keys as mmseg's ModuleLists when all are built.
+        lateral_ids = [0] if len(in_channels) == 1 else self.out_indices
+        self.lateral_convs = nn.ModuleDict(
+            {str(i): ConvModule(in_channels[i], out_channels, 1, norm=norm, act=act) for i in lateral_ids}
+        )
+        self.convs = nn.ModuleDict(
+            {str(i): ConvModule(out_channels, out_channels, 3, padding=1, norm=norm, act=act)
+             for i in self.out_indices}
         )
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -75,15 +90,14 @@ class MultiLevelNeck(nn.Module):
     def out_channels(self) -> list[int]:
         return [f["num_chs"] for f in self.feature_info]
 
-    def forward(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def forward(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
         if len(inputs) != len(self.in_channels):
             raise ValueError(f"MultiLevelNeck expects {len(self.in_channels)} maps, got {len(inputs)}")
-        laterals = [conv(x) for conv, x in zip(self.lateral_convs, inputs)]
-        if len(laterals) == 1:
-            laterals = laterals * len(self.scales)
-        outs = []
-        for conv, x, s in zip(self.convs, laterals, self.scales):
-            if s != 1:
-                x = F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
-            outs.append(conv(x))
+        outs: list[torch.Tensor | None] = [None] * len(self.scales)
+        for i in self.out_indices:
+            j = 0 if len(self.in_channels) == 1 else i
+            x = self.lateral_convs[str(j)](inputs[j])
+            if self.scales[i] != 1:
+                x = F.interpolate(x, scale_factor=self.scales[i], mode="bilinear", align_corners=False)
+            outs[i] = self.convs[str(i)](x)
         return outs

@@ -37,6 +37,7 @@ HEADS: dict[str, type[BaseDecodeHead]] = {
     "fcn": FCNHead,
 }
 NECKS = ("none", "multilevel")
+_NECK_SCALES = (4, 2, 1, 0.5)  # four 1/16 maps -> 1/4, 1/8, 1/16, 1/32
 
 # The seed's decode-head settings (DESIGN.md section 1) beyond channels/dropout/align_corners.
 _HEAD_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -124,11 +125,8 @@ def _create_seglstm(
     head_kw, encoder_kw = _split_overrides(HEADS[head], overrides)
     backbone = create_encoder(encoder, **encoder_kw)
     widths = list(backbone.out_channels)
-    neck_module = None
     if neck == "multilevel":
-        reductions = [int(f["reduction"]) for f in backbone.feature_info]
-        neck_module = MultiLevelNeck(widths, neck_channels or widths[-1], in_reductions=reductions)
-        widths = list(neck_module.out_channels)
+        widths = [neck_channels or widths[-1]] * len(_NECK_SCALES)
     elif neck_channels is not None:
         raise ValueError("neck_channels only applies to neck='multilevel'")
     decode_head = build_head(head, widths, num_classes, **head_kw)
@@ -141,6 +139,14 @@ def _create_seglstm(
         aux_head = FCNHead(widths[aux_index], num_classes=num_classes, **aux)
     elif aux_cfg:
         raise ValueError("aux_cfg given with auxiliary=False")
+    neck_module = None
+    if neck == "multilevel":
+        # build only the pyramid levels some head reads (see MultiLevelNeck's out_indices)
+        used = decode_head.input_indices() + (aux_head.input_indices() if aux_head is not None else [])
+        neck_module = MultiLevelNeck(
+            list(backbone.out_channels), widths[0], scales=_NECK_SCALES,
+            in_reductions=[int(f["reduction"]) for f in backbone.feature_info], out_indices=used,
+        )
     model = EncoderDecoder(
         backbone, decode_head, neck=neck_module, auxiliary_head=aux_head, aux_loss_weight=aux_loss_weight,
         class_weight=class_weight, dice_weight=dice_weight, lovasz_weight=lovasz_weight,

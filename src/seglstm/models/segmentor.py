@@ -37,6 +37,11 @@ TEST_CFG_DEFAULTS: dict[str, Any] = dict(
 # losses
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Losses run in float32 even under autocast (as mmseg's ``force_fp32``); float64 stays float64."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def cross_entropy(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -50,7 +55,10 @@ def cross_entropy(
     ``avg_non_ignore=False``, which the seed trained with) or by the number of non-ignored pixels.
     Class weights scale each pixel's loss but not the divisor (unlike ``F.cross_entropy``'s mean).
     """
-    loss = F.cross_entropy(logits.float(), target, weight=class_weight, reduction="none", ignore_index=ignore_index)
+    logits = _at_least_fp32(logits)
+    if class_weight is not None:
+        class_weight = class_weight.to(logits.dtype)
+    loss = F.cross_entropy(logits, target, weight=class_weight, reduction="none", ignore_index=ignore_index)
     if avg_non_ignore:
         return loss.sum() / (target != ignore_index).sum().clamp_min(1)
     return loss.mean()
@@ -61,7 +69,7 @@ def dice_loss(
 ) -> torch.Tensor:
     """Soft multi-class Dice loss: 1 - mean over classes of (2 I + s) / (P + L + s) on softmax
     probabilities, summed over the batch, ignored pixels excluded."""
-    probs = logits.float().softmax(dim=1)
+    probs = _at_least_fp32(logits).softmax(dim=1)
     k = probs.shape[1]
     valid = target != ignore_index
     onehot = F.one_hot(torch.where(valid, target, 0), k).permute(0, 3, 1, 2).to(probs.dtype)
@@ -85,7 +93,7 @@ def lovasz_softmax(logits: torch.Tensor, target: torch.Tensor, ignore_index: int
     """Lovasz-Softmax loss (Berman et al. 2018) over all valid pixels of the batch, averaged over the
     classes present in ``target``; a direct surrogate of mIoU."""
     k = logits.shape[1]
-    probs = logits.float().softmax(dim=1).permute(0, 2, 3, 1).reshape(-1, k)
+    probs = _at_least_fp32(logits).softmax(dim=1).permute(0, 2, 3, 1).reshape(-1, k)
     labels = target.reshape(-1)
     valid = labels != ignore_index
     probs, labels = probs[valid], labels[valid]

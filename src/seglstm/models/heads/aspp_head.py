@@ -107,6 +107,10 @@ class DepthwiseSeparableASPPHead(ASPPHead):
             DepthwiseSeparableConvModule(channels, channels, 3, padding=1),
         )
 
+    def input_indices(self) -> list[int]:
+        """The ASPP input plus ``inputs[0]`` for the low-level branch."""
+        return super().input_indices() + ([0] if self.c1_bottleneck is not None else [])
+
     def forward_features(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         out = super().forward_features(inputs)
         if self.c1_bottleneck is not None:

@@ -195,6 +195,11 @@ class BaseDecodeHead(nn.Module, metaclass=ABCMeta):
                 f"{type(self).__name__} reads feature map {index} (in_index={self.in_index}) but the "
                 f"encoder/neck returned {len(inputs)} maps"
             )
+        if inputs[index] is None:
+            raise ValueError(
+                f"{type(self).__name__} reads feature map {index} but it was not computed (a neck built "
+                "without that output index)"
+            )
         return inputs[index]
 
     def _transform_inputs(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
@@ -209,6 +214,10 @@ class BaseDecodeHead(nn.Module, metaclass=ABCMeta):
             return selected
         size = selected[0].shape[2:]
         return torch.cat([resize(x, size, self.align_corners) for x in selected], dim=1)
+
+    def input_indices(self) -> list[int]:
+        """Indices of the encoder/neck outputs this head reads (as given, possibly negative)."""
+        return [self.in_index] if isinstance(self.in_index, int) else list(self.in_index)
 
     @abstractmethod
     def forward_features(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
