@@ -419,7 +419,8 @@ class VMamba(nn.Module):
         self.patch_size = patch_size
         self.patch_embed = PatchEmbed(in_chans, dims[0], patch_size)
 
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        n_blocks = sum(depths)
+        dpr = [drop_path_rate * i / max(n_blocks - 1, 1) for i in range(n_blocks)]
         block_kwargs = {
             "mlp_ratio": mlp_ratio,
             "d_state": d_state,
