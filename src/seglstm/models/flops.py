@@ -31,7 +31,9 @@ def count_flops(model: nn.Module, input_size: Sequence[int] = (1, 3, 512, 512)) 
     """
     size = tuple(int(s) for s in input_size)
     if len(size) < 2 or any(s < 1 for s in size):
-        raise ValueError(f"input_size must be positive dimensions such as (1, 3, 512, 512), got {input_size!r}")
+        raise ValueError(
+            f"input_size must be positive dimensions such as (1, 3, 512, 512), got {input_size!r}"
+        )
     first = next(model.parameters(), None)
     device = first.device if first is not None else torch.device("cpu")
     dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
