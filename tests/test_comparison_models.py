@@ -82,6 +82,15 @@ def test_swin_and_vit_outputs_are_timms_own():
             torch.testing.assert_close(got, want)
 
 
+def test_no_weight_decay_names_exist():
+    vit = TimmEncoder("vit_small_patch16_224", mode="intermediates", out_indices=(1,), **_VIT_SMALL)
+    assert vit.no_weight_decay() == {"model.pos_embed", "model.cls_token"}
+    swin = TimmEncoder("swin_tiny_patch4_window7_224", **_SWIN_SMALL)
+    names = dict(swin.named_parameters())
+    skipped = swin.no_weight_decay()
+    assert len(skipped) == sum(_SWIN_SMALL["depths"]) and all(n in names for n in skipped)
+
+
 def test_timm_encoder_rejects_bad_arguments():
     with pytest.raises(ValueError, match="mode"):
         TimmEncoder("resnet18", mode="hooks")

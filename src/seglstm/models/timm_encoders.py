@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 FeatureMode = Literal["features_only", "intermediates"]
+_NO_DECAY_KEYS = ("pos_embed", "cls_token", "dist_token", "reg_token", "relative_position_bias_table")
 
 
 class TimmEncoder(nn.Module):
@@ -91,6 +92,11 @@ class TimmEncoder(nn.Module):
         self.pad_multiple = max(self.reductions) if pad_multiple is None else int(pad_multiple)
         if self.pad_multiple < 1:
             raise ValueError(f"pad_multiple must be >= 1, got {pad_multiple!r}")
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters timm's recipes train without weight decay: position tables, prefix tokens, relative
+        position biases (found by name, since ``features_only`` wrappers drop timm's own method)."""
+        return {n for n, _ in self.named_parameters() if any(k in n for k in _NO_DECAY_KEYS)}
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Return one (B, C_i, ceil(H / r_i), ceil(W / r_i)) map per output, r_i = ``reductions[i]``."""
