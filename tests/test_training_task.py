@@ -60,6 +60,7 @@ def tiny_standin_seg(num_classes: int, width: int = 8) -> TinySeg:
 
 class _Images(Dataset):
     def __init__(self, n: int, size: int, seed: int, with_mask: bool = True) -> None:
+        # images come at their file size except for predict, whose "files" are 24x20 (resized back)
         g = torch.Generator().manual_seed(seed)
         self.images = torch.randn(n, 3, size, size, generator=g)
         # a learnable rule: the class is the channel-0 intensity bucket
@@ -71,7 +72,8 @@ class _Images(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> dict:
-        item = {"image": self.images[i], "path": f"/data/img_{i:03d}.png", "ori_shape": (24, 20)}
+        ori = (self.images.shape[-2], self.images.shape[-1]) if self.with_mask else (24, 20)
+        item = {"image": self.images[i], "path": f"/data/img_{i:03d}.png", "ori_shape": ori}
         if self.with_mask:
             item["mask"] = self.masks[i]
         return item

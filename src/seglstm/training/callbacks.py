@@ -33,6 +33,7 @@ from seglstm.training.reports import (
     to_display_rgb,
     write_metrics_report,
 )
+from seglstm.training.task import item_shapes
 from seglstm.utils.io import atomic_path
 
 
@@ -59,11 +60,13 @@ class RunCheckpoint(ModelCheckpoint):
     Args:
         save_on_train_end: also save when training stops at a step that was not yet saved (the seed saves
             at iteration 15000 whatever the interval).
+        auto_insert_metric_name: Lightning's option, off by default so ``iter_{step}`` gives ``iter_1000``.
     """
 
-    def __init__(self, *args: Any, save_on_train_end: bool = False, **kwargs: Any) -> None:
-        kwargs.setdefault("auto_insert_metric_name", False)
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self, *args: Any, save_on_train_end: bool = False, auto_insert_metric_name: bool = False, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, auto_insert_metric_name=auto_insert_metric_name, **kwargs)
         self.save_on_train_end = save_on_train_end
 
     def _root_dirpath(self, trainer: pl.Trainer) -> None:
@@ -163,14 +166,19 @@ class TestReportWriter(Callback):
         out = self._dir(trainer)
         palette = _palette(pl_module)
         meta = getattr(pl_module, "meta", {})
-        preds = outputs["pred"].cpu().numpy()
-        masks = batch["mask"].cpu().numpy()
+        preds = [p.cpu().numpy() for p in outputs["pred"]]
         paths = batch.get("path") or [f"{batch_idx}_{i}" for i in range(len(preds))]
-        for i, (pred, mask, path) in enumerate(zip(preds, masks, paths)):
+        crops = (
+            item_shapes(batch["img_shape"], len(preds))
+            if "img_shape" in batch
+            else [tuple(batch["image"].shape[-2:])] * len(preds)
+        )
+        for i, (pred, path) in enumerate(zip(preds, paths)):
+            h, w = pred.shape
+            mask = batch["mask"][i, :h, :w].cpu().numpy()
             color_pred = colorize(pred, palette)
-            image = resize_rgb(
-                to_display_rgb(batch["image"][i], meta.get("mean"), meta.get("std")), pred.shape
-            )
+            shown = batch["image"][i, :, : crops[i][0], : crops[i][1]]
+            image = resize_rgb(to_display_rgb(shown, meta.get("mean"), meta.get("std")), (h, w))
             gt_view = overlay(image, colorize(mask, palette), self.alpha)
             pred_view = overlay(image, color_pred, self.alpha)
             gap = np.full((pred.shape[0], 8, 3), 255, np.uint8)

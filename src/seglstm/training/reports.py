@@ -40,18 +40,24 @@ def format_metrics_table(results: dict[str, Any], class_names: Sequence[str]) ->
     if len(class_names) != len(per_class["IoU"]):
         raise ValueError(f"{len(class_names)} class names for {len(per_class['IoU'])} classes")
     width = max(len("Class"), *(len(n) for n in class_names))
-    lines = [
-        "| " + "Class".ljust(width) + " | " + " | ".join(PER_CLASS_KEYS) + " |",
-        "|" + "-" * (width + 2) + "|" + "|".join("-" * (len(k) + 2) for k in PER_CLASS_KEYS) + "|",
-    ]
+
+    def row(first: str | None, cells: Sequence[str], widths: Sequence[int]) -> str:
+        parts = ([first.ljust(width)] if first is not None else []) + [c.rjust(w) for c, w in zip(cells, widths)]
+        return "| " + " | ".join(parts) + " |"
+
+    def rule(widths: Sequence[int]) -> str:
+        return "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+
+    class_widths = [max(len(k), 6) for k in PER_CLASS_KEYS]
+    mean_widths = [max(len(k), 6) for k in MEAN_KEYS]
+    lines = [row("Class", PER_CLASS_KEYS, class_widths), rule([width, *class_widths])]
     for i, name in enumerate(class_names):
-        cells = [_pct(per_class[k][i]).rjust(len(k)) for k in PER_CLASS_KEYS]
-        lines.append("| " + name.ljust(width) + " | " + " | ".join(cells) + " |")
+        lines.append(row(name, [_pct(per_class[k][i]) for k in PER_CLASS_KEYS], class_widths))
     lines += [
         "",
-        "| " + " | ".join(MEAN_KEYS) + " |",
-        "|" + "|".join("-" * (len(k) + 2) for k in MEAN_KEYS) + "|",
-        "| " + " | ".join(_pct(float(results[k])).rjust(len(k)) for k in MEAN_KEYS) + " |",
+        row(None, MEAN_KEYS, mean_widths),
+        rule(mean_widths),
+        row(None, [_pct(float(results[k])) for k in MEAN_KEYS], mean_widths),
     ]
     return "\n".join(lines)
 

@@ -50,7 +50,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(inner), gauss_py))
 
 
-def _shapes(ori_shape: Any, batch_size: int) -> list[tuple[int, int]]:
+def item_shapes(ori_shape: Any, batch_size: int) -> list[tuple[int, int]]:
     """Per-image (H, W) from whatever the default collate made of ``ori_shape``."""
     if isinstance(ori_shape, torch.Tensor):
         rows = ori_shape.reshape(batch_size, -1)[:, :2].tolist()
@@ -235,11 +235,39 @@ class SegmentationTask(LightningModule):
             logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
         return logits
 
-    def _evaluate(self, batch: dict[str, Any], metrics: SegmentationMetrics) -> torch.Tensor:
+    def _item_predictions(self, batch: dict[str, Any]) -> list[torch.Tensor]:
+        """Per-image class maps at the original file size.
+
+        Batches of differently sized images are padded bottom/right: each image's logits are first cropped
+        to its own ``img_shape``, then resized to its ``ori_shape`` (mmseg scores at the label's size).
+        """
+        image = batch["image"]
+        b = image.shape[0]
+        logits = self.predict_logits(image)
+        crops = item_shapes(batch["img_shape"], b) if "img_shape" in batch else [tuple(logits.shape[-2:])] * b
+        if "ori_shape" in batch:
+            sizes = item_shapes(batch["ori_shape"], b)
+        elif "mask" in batch:
+            sizes = [tuple(batch["mask"].shape[-2:])] * b
+        else:
+            sizes = crops
+        return [
+            self._resize_one(logits[i, :, : crops[i][0], : crops[i][1]], sizes[i]).argmax(dim=0)
+            for i in range(b)
+        ]
+
+    def _evaluate(self, batch: dict[str, Any], metrics: SegmentationMetrics) -> list[torch.Tensor]:
+        preds = self._item_predictions(batch)
         mask = batch["mask"]
-        pred = self.predict_logits(batch["image"], tuple(mask.shape[-2:])).argmax(dim=1)
-        metrics.update(pred, mask)
-        return pred
+        for i, pred in enumerate(preds):
+            h, w = pred.shape
+            if h > mask.shape[-2] or w > mask.shape[-1]:
+                raise ValueError(
+                    f"{batch.get('path', ['?'] * len(preds))[i]}: ori_shape {(h, w)} exceeds the mask's "
+                    f"{tuple(mask.shape[-2:])}"
+                )
+            metrics.update(pred, mask[i, :h, :w])
+        return preds
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, self.val_metrics)
@@ -248,13 +276,7 @@ class SegmentationTask(LightningModule):
         return {"pred": self._evaluate(batch, self.test_metrics)}
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        image = batch["image"]
-        if "ori_shape" in batch:
-            sizes = _shapes(batch["ori_shape"], image.shape[0])
-        else:
-            sizes = [tuple(image.shape[-2:])] * image.shape[0]
-        logits = self.predict_logits(image)
-        preds = [self._resize_one(logits[i], size).argmax(dim=0) for i, size in enumerate(sizes)]
+        preds = self._item_predictions(batch)
         return {"pred": preds, "path": list(batch.get("path", [str(batch_idx)] * len(preds)))}
 
     @staticmethod
