@@ -125,6 +125,8 @@ def test_bad_masks_and_images_are_rejected():
         model.loss(img, torch.zeros(1, 4, 4))
     with pytest.raises(ValueError, match=r"\(B, H, W\)"):
         model.loss(img, torch.zeros(2, 4, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"image's B, H, W \(1, 4, 4\)"):
+        model.loss(img, torch.zeros(1, 4, 5, dtype=torch.long))
     with pytest.raises(ValueError, match="float"):
         model(torch.zeros(1, 3, 4, 4, dtype=torch.uint8))
     with pytest.raises(ValueError, match="class_weight"):
@@ -206,6 +208,21 @@ def test_tta_with_flip_gives_symmetric_prediction_on_symmetric_input():
         tta = model.inference(img, scales=(0.75, 1.0, 1.25), flip=True)
     assert not torch.allclose(plain, plain.flip(-1), atol=1e-3)  # the model itself is not symmetric
     torch.testing.assert_close(tta, tta.flip(-1), rtol=1e-4, atol=1e-4)
+
+
+def test_logits_stay_aligned_for_sizes_off_the_patch_grid():
+    """A 100 x 120 image runs on a 7 x 8 token grid covering 112 x 128 pixels; its logits must be those of
+    the zero-padded image, cropped, not the grid stretched over 100 x 120."""
+    model = create_model("seglstm_deeplabv3_t", num_classes=K, depths=(1, 1, 1, 1), channels=32,
+                         auxiliary=False).eval()
+    assert model.size_divisor == 16
+    img = torch.randn(1, 3, 100, 120)
+    with torch.no_grad():
+        out = model.inference(img)
+        ref = model.inference(F.pad(img, (0, 8, 0, 12)))[..., :100, :120]
+        stretched = F.interpolate(model.decode_head(model.extract_feat(img)), size=(100, 120), mode="bilinear")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out, stretched, atol=1e-3)
 
 
 def test_test_cfg_defaults_and_errors():

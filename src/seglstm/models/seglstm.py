@@ -151,6 +151,7 @@ def _create_seglstm(
         backbone, decode_head, neck=neck_module, auxiliary_head=aux_head, aux_loss_weight=aux_loss_weight,
         class_weight=class_weight, dice_weight=dice_weight, lovasz_weight=lovasz_weight,
         avg_non_ignore=avg_non_ignore, ignore_index=ignore_index, test_cfg=test_cfg,
+        size_divisor=max(int(f["reduction"]) for f in backbone.feature_info),
     )
     if pretrained:
         from seglstm.models.checkpoint import load_pretrained

@@ -196,6 +196,9 @@ class EncoderDecoder(nn.Module):
             all-pixel count.
         test_cfg: default inference settings (keys of ``TEST_CFG_DEFAULTS``: mode, crop_size, stride,
             scales, flip, merge).
+        size_divisor: pad inputs at the bottom/right to a multiple of this (the encoder's patch size) and
+            crop the logits back, so that logits stay aligned with the pixels for any H, W (resizing the
+            ceil(H/16) grid straight to H would stretch it). ``None`` runs the input as it is.
     """
 
     def __init__(
@@ -213,8 +216,12 @@ class EncoderDecoder(nn.Module):
         ignore_index: int = 255,
         avg_non_ignore: bool = False,
         test_cfg: Mapping[str, Any] | None = None,
+        size_divisor: int | None = None,
     ) -> None:
         super().__init__()
+        if size_divisor is not None and (not isinstance(size_divisor, int) or size_divisor < 1):
+            raise ValueError(f"size_divisor must be a positive int or None, got {size_divisor!r}")
+        self.size_divisor = size_divisor
         self.backbone = backbone
         self.neck = neck
         self.decode_head = decode_head
@@ -255,10 +262,25 @@ class EncoderDecoder(nn.Module):
         feats = self.backbone(img)
         return list(self.neck(feats)) if self.neck is not None else list(feats)
 
+    def _pad(self, img: torch.Tensor) -> torch.Tensor:
+        """Zero-pad bottom/right to a multiple of ``size_divisor`` (mmseg's data preprocessor does the same)."""
+        d = self.size_divisor
+        if not d:
+            return img
+        return F.pad(img, (0, (-img.shape[3]) % d, 0, (-img.shape[2]) % d))
+
+    def _head_logits(self, head: BaseDecodeHead, feats: list[torch.Tensor], padded: torch.Tensor,
+                     size: Sequence[int]) -> torch.Tensor:
+        """Head logits upsampled to the padded input, then cropped to ``size``: a feature cell keeps
+        covering the same pixels as in the backbone, whatever the image size."""
+        logits = resize(head(feats), padded.shape[2:], self.align_corners)
+        return logits[:, :, : size[0], : size[1]]
+
     def encode_decode(self, img: torch.Tensor) -> torch.Tensor:
         """Decode-head logits upsampled bilinearly to the input size, (B, K, H, W)."""
         self._check_img(img)
-        return resize(self.decode_head(self.extract_feat(img)), img.shape[2:], self.align_corners)
+        padded = self._pad(img)
+        return self._head_logits(self.decode_head, self.extract_feat(padded), padded, img.shape[2:])
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         return self.encode_decode(img)
@@ -268,9 +290,10 @@ class EncoderDecoder(nn.Module):
     def _check_mask(self, mask: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
         if mask.ndim == 4 and mask.shape[1] == 1:
             mask = mask[:, 0]
-        if mask.ndim != 3 or mask.shape[0] != img.shape[0]:
+        if mask.ndim != 3 or mask.shape[0] != img.shape[0] or mask.shape[1:] != img.shape[2:]:
             raise ValueError(
-                f"mask must be (B, H, W) or (B, 1, H, W) with B={img.shape[0]}, got {tuple(mask.shape)}"
+                f"mask must be (B, H, W) or (B, 1, H, W) with the image's B, H, W {(img.shape[0], *img.shape[2:])}, "
+                f"got {tuple(mask.shape)}"
             )
         if mask.is_floating_point() or mask.dtype == torch.bool:
             raise ValueError(f"mask must hold integer class indices, got dtype {mask.dtype}")
@@ -288,14 +311,15 @@ class EncoderDecoder(nn.Module):
         """Losses (see ``loss``) and the decode-head logits at the mask's size, from one forward pass."""
         self._check_img(img)
         target = self._check_mask(mask, img)
-        feats = self.extract_feat(img)
-        logits = resize(self.decode_head(feats), target.shape[1:], self.align_corners)
+        padded = self._pad(img)
+        feats = self.extract_feat(padded)
+        logits = self._head_logits(self.decode_head, feats, padded, target.shape[1:])
         losses = {
             "loss_decode": self.decode_loss_weight
             * cross_entropy(logits, target, self.class_weight, self.ignore_index, self.avg_non_ignore)
         }
         if self.auxiliary_head is not None:
-            aux = resize(self.auxiliary_head(feats), target.shape[1:], self.align_corners)
+            aux = self._head_logits(self.auxiliary_head, feats, padded, target.shape[1:])
             losses["loss_aux"] = self.aux_loss_weight * cross_entropy(
                 aux, target, self.class_weight, self.ignore_index, self.avg_non_ignore
             )
