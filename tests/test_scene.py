@@ -181,9 +181,10 @@ def test_rule_model_gives_the_rule_everywhere_with_nodata_and_georeference(tmp_p
     raw = rng.integers(0, 256, (3, 300, 457), dtype=np.uint8)
     raw[:, 40:90, 100:260] = 0  # a nodata block crossing window borders, besides the random zeros
     src = write_tif(tmp_path / "in.tif", raw, nodata=0)
-    out = tmp_path / "out" / "classes.tif"
+    out, probs = tmp_path / "out" / "classes.tif", tmp_path / "out" / "probs.tif"
     model = RuleModel(U3, MEAN3, STD3, T4)
-    result = run(model, src, out, MEAN3, STD3, 4, tile=128, overlap=32, batch_size=3, strip_width=strip_width)
+    result = run(model, src, out, MEAN3, STD3, 4, tile=128, overlap=32, batch_size=3, strip_width=strip_width,
+                 probs_path=probs)
     assert result.strips == (2 if strip_width else 1) and result.tiles == (3 * 5 if not strip_width else 3 * 6)
 
     classes, info = read(out)
@@ -198,7 +199,11 @@ def test_rule_model_gives_the_rule_everywhere_with_nodata_and_georeference(tmp_p
     assert prof["tiled"] and (prof["blockxsize"], prof["blockysize"]) == (BLOCK, BLOCK)
     assert prof["compress"] == "deflate" and prof["dtype"] == "uint8"
     assert [info["colormap"][i][:3] for i in range(4)] == palette(4)
-    assert sorted(p.name for p in out.parent.iterdir()) == ["classes.tif"]  # no temp or partial left
+    with rasterio.open(probs) as ds:
+        prob, prob_mask = ds.read(), ds.read_masks(1)
+    np.testing.assert_array_equal(prob_mask, np.where(invalid, 0, 255))
+    assert (prob[:, invalid] == 0).all() and (prob[:, ~invalid].argmax(0) == expected[~invalid]).all()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["classes.tif", "probs.tif"]  # no temp left
 
 
 @pytest.mark.parametrize(
@@ -352,9 +357,12 @@ def test_bad_inputs_give_errors_naming_the_file_or_argument(tmp_path, rng):
 
 
 # ---------------------------------------------------------------------------------- interrupt, resume
-@pytest.mark.parametrize("interrupt_after", [4, 7, 9])
-def test_interrupt_leaves_no_output_and_resume_is_byte_identical(tmp_path, rng, interrupt_after):
-    raw = rng.integers(0, 256, (3, 700, 300), dtype=np.uint8)
+@pytest.mark.parametrize(("interrupt_after", "dtype"), [(4, "uint8"), (7, "uint16"), (9, "uint8")])
+def test_interrupt_leaves_no_output_and_resume_is_byte_identical(tmp_path, rng, interrupt_after, dtype):
+    # batches of 3 windows: a strip's row of windows per batch in strip 0 (21 windows), then 7 in strip 1;
+    # 4 stops after rows 0..3 (rows 0..255 flushed), 7 at the strip border, 9 in strip 1 where the resumed
+    # batch starts with two windows whose rows were already flushed
+    raw = rng.integers(0, 256 if dtype == "uint8" else 4096, (3, 700, 300)).astype(dtype)
     src = write_tif(tmp_path / "in.tif", raw, nodata=0)
     kw = dict(tile=128, overlap=32, batch_size=3, strip_width=BLOCK)
 

@@ -8,19 +8,22 @@ A scene can be far larger than memory, so nothing here ever holds a full-resolut
 * Output columns are split into *strips* whose width is a multiple of the 256-pixel GeoTIFF block. A strip
   runs every window that touches it (windows straddling a strip border run once per strip, which costs
   about one extra window column per strip) and blends them in a rolling buffer of ``tile + 256`` rows.
-  Rows are flushed as soon as no later window can reach them.
+  Rows are flushed, a 256-row block row at a time, as soon as no later window can reach them.
 * Each window's softmax probabilities are multiplied by a separable Hann window with a floor (so pixels on
   the scene edge, seen by a single window, still count) and divided by the summed weights at flush time.
-  A pixel's result therefore depends only on the windows covering it, not on strips or batches.
+  A pixel's result therefore depends only on the windows covering it, not on strips or batches (up to
+  the float rounding of batched kernels).
 * Flushed rows go to compressed per-block-row chunk files in a partial directory beside the output, with a
   JSON progress sidecar. The GeoTIFF is assembled from the chunks at the end in one deterministic pass, so
   ``--resume`` after Ctrl-C gives the same bytes as an uninterrupted run, and the final name only ever
   holds a complete file (``atomic_path``).
 
-Memory bound: about ``buffer_mb`` (the strip buffer: ``(K + 1) x (tile + 256) x strip_width`` float32 plus
-one ``bands x tile x strip_width`` read) + ``batch_size x (bands + K) x tile^2`` float32 for a batch + the
-model's activations + GDAL's block cache (64 MiB), whatever the scene size. The strip width is derived
-from ``buffer_mb``, so a 100k-pixel-wide scene just gets more strips.
+Memory bound, whatever the scene size: ``buffer_mb`` (default 512 MiB; the strip buffer of
+``(K + 1) x (tile + 256) x strip_width`` float32 plus one ``bands x tile x strip_width`` read, from which the
+strip width is derived, so a 100k-pixel-wide scene just gets more strips) + ``batch_size x (bands + K) x
+tile^2`` float32 for a batch's inputs and probabilities + the model's own activations (logits included) for
+that batch + GDAL's block cache (64 MiB). Disk: the partial run holds the compressed class (and probability) chunks
+until the final GeoTIFF is assembled.
 """
 
 from __future__ import annotations
@@ -291,21 +294,20 @@ class _StripBuffer:
         self.wsum[r0:r1, c0:c1] += weight[skip:]
         self.valid[r0:r1, c0:c1] = valid[skip:]
 
-    def take(self, y1: int) -> tuple[np.ndarray, np.ndarray]:
-        """Blended probabilities and validity of rows ``[y0, y1)`` in the strip's output columns; the
-        buffer then slides down so that it starts at ``y1``."""
-        n = y1 - self.y0
+    def blended(self, y0: int, y1: int) -> tuple[np.ndarray, np.ndarray]:
+        """Blended probabilities ``(K, h, w)`` and validity of rows ``[y0, y1)`` in the output columns."""
+        r0, r1 = y0 - self.y0, y1 - self.y0
         c0, c1 = self.strip.x0 - self.ex0, self.strip.x1 - self.ex0
-        wsum = self.wsum[:n, c0:c1]
-        probs = np.divide(
-            self.acc[:, :n, c0:c1], wsum, out=np.zeros_like(self.acc[:, :n, c0:c1]), where=wsum > 0
-        )
-        valid = self.valid[:n, c0:c1].copy()
-        for arr in (self.acc[:, :], self.wsum[None], self.valid[None]):
+        acc, wsum = self.acc[:, r0:r1, c0:c1], self.wsum[r0:r1, c0:c1]
+        return np.divide(acc, wsum, out=np.zeros_like(acc), where=wsum > 0), self.valid[r0:r1, c0:c1]
+
+    def slide(self, y1: int) -> None:
+        """Drop the rows above ``y1`` (flushed) so that the buffer starts there."""
+        n = y1 - self.y0
+        for arr in (self.acc, self.wsum[None], self.valid[None]):
             arr[:, : self.cap - n] = arr[:, n:]
             arr[:, self.cap - n :] = 0
         self.y0 = y1
-        return probs, valid
 
 
 # ------------------------------------------------------------------------------------------ partial I/O
@@ -393,7 +395,7 @@ class ScenePredictor:
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
         amp: autocast (bfloat16, or float16 where bf16 is unsupported) on CUDA; ignored on CPU.
         weight_floor: smallest blending weight, at a window's corner.
-        buffer_mb: memory for the strip buffer, which sets the strip width.
+        buffer_mb: memory for the strip buffer, which sets the strip width (never below two tiles).
         strip_width: force a strip width (multiple of 256) instead of deriving it from ``buffer_mb``.
         progress: show a tqdm progress bar.
     """
@@ -454,9 +456,12 @@ class ScenePredictor:
             return self.strip_width
         cap = grid.tile_h + BLOCK
         per_column = 4 * (self.num_classes + 1) * cap + cap + n_bands * grid.tile_h * (8 + itemsize)
+        # a strip's windows reach less than a tile beyond it on either side; strips narrower than two
+        # tiles would mostly recompute their neighbours' windows, so the budget does not go below that
         columns = int(self.buffer_mb * 2**20) // per_column - 2 * grid.tile_w
+        narrowest = -(-2 * grid.tile_w // BLOCK) * BLOCK
         full = -(-grid.width // BLOCK) * BLOCK
-        return min(full, max(BLOCK, columns // BLOCK * BLOCK))
+        return min(full, max(narrowest, columns // BLOCK * BLOCK))
 
     # ------------------------------------------------------------------------------------------- public
     def predict(
@@ -530,6 +535,9 @@ class ScenePredictor:
                 "amp": self.amp,
                 "model": _model_digest(self.model),
             }
+            fingerprint = json.loads(
+                json.dumps(fingerprint)
+            )  # as the sidecar will read back (tuples -> lists)
             state = self._start_state(partial, fingerprint, resume)
             n_tiles = sum(len(s.cols) for s in strips) * len(grid.ys)
             if state.next_tile < n_tiles:
@@ -627,7 +635,9 @@ class ScenePredictor:
                 f"{expected}: {self.num_classes} classes as in the palette ({', '.join(self.classes)}), "
                 "at the input resolution"
             )
-        return torch.softmax(logits.float(), dim=1).mul_(weight).cpu().numpy()
+        probs = torch.softmax(logits.float(), dim=1)
+        del logits  # one batch-sized tensor fewer at the peak
+        return probs.mul_(weight).cpu().numpy()
 
     def _tiles(self, grid: TileGrid, strips: list[Strip]) -> list[tuple[int, int, int]]:
         return [(s.index, r, c) for s in strips for r in range(len(grid.ys)) for c in s.cols]
@@ -667,16 +677,12 @@ class ScenePredictor:
             if target <= buf.y0:
                 return
             partial.mkdir(exist_ok=True)
-            probs, valid = buf.take(target)
-            for b0 in range(0, probs.shape[1], BLOCK):
-                p, v = probs[:, b0 : b0 + BLOCK], valid[b0 : b0 + BLOCK]
+            for y0 in range(buf.y0, target, BLOCK):  # buf.y0 is block-aligned: every chunk is a block row
+                p, v = buf.blended(y0, min(y0 + BLOCK, target))
                 classes = np.where(v, p.argmax(axis=0), NODATA).astype(np.uint8)
                 p8 = np.where(v, np.rint(p * 255.0), 0).astype(np.uint8) if with_probs else None
-                _save_chunk(
-                    _chunk_path(partial, (target - probs.shape[1] + b0) // BLOCK, buf.strip.index),
-                    classes,
-                    p8,
-                )
+                _save_chunk(_chunk_path(partial, y0 // BLOCK, buf.strip.index), classes, p8)
+            buf.slide(target)
             k = buf.strip.index
             if last_row:
                 nxt = _Progress(first_of_strip[k + 1], k + 1, 0)
