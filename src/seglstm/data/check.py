@@ -13,6 +13,11 @@ from seglstm.data.base import SegDataset
 from seglstm.data.io import DataError
 
 
+def _unbatched(item: dict[str, Any]) -> dict[str, Any]:
+    """Collate for ``batch_size=None``: keep the numpy arrays as they are."""
+    return item
+
+
 class _Stats(Dataset):
     """Loads raw items (no transforms) and returns their statistics or the error that stopped them."""
 
@@ -91,7 +96,7 @@ def check_dataset(dataset: SegDataset, num_workers: int = 0, progress: bool = Tr
     band_sum: np.ndarray | None = None
     band_sq: np.ndarray | None = None
     pixels = 0
-    loader = DataLoader(_Stats(dataset), batch_size=None, num_workers=num_workers)
+    loader = DataLoader(_Stats(dataset), batch_size=None, num_workers=num_workers, collate_fn=_unbatched)
     for index, stats in enumerate(tqdm(loader, total=len(dataset), desc=f"check {report.split}", disable=not progress)):
         if "error" in stats:
             report.problems.append(stats["error"])

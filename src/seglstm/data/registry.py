@@ -48,6 +48,8 @@ def dataset_kwargs(
     cls = dataset_class(name)
     kwargs: dict[str, Any] = {"max_pixels": max_pixels}
     if cls is LoveDA:
+        if domain not in LoveDA.domains:
+            raise ValueError(f"domain={domain!r} is not one of {LoveDA.domains}")
         kwargs["domain"] = domain
     elif domain != "both":
         raise ValueError(f"domain={domain!r} only applies to dataset='loveda', not {name!r}")

@@ -110,6 +110,9 @@ def _check_scale(scale: Sequence[int], name: str) -> tuple[int, int]:
 class Resize(Transform):
     """Deterministic resize; with ``keep_ratio`` the image fits in ``scale`` as mmseg's test ``Resize``.
 
+    Masks use "nearest" as OpenCV's INTER_NEAREST does (source pixel ``floor(dst * scale)``), half a source
+    pixel off the bilinear image grid, exactly like the seed's mmcv pipeline.
+
     Args:
         scale: ``(long, short)`` bounds with ``keep_ratio``, else the exact ``(w, h)`` (mmcv's order).
         keep_ratio: keep the aspect ratio.
