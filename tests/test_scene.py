@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +33,7 @@ TRANSFORM = Affine(0.5, 0.0, 500_000.0, 0.0, -0.5, 4_200_000.0)
 def write_tif(path: Path, data: np.ndarray, *, crs=CRS, nodata=None, mask=None) -> Path:
     count, height, width = data.shape
     profile = dict(driver="GTiff", height=height, width=width, count=count, dtype=data.dtype.name)
-    # MINISBLACK: GDAL would otherwise declare the 4th of 4 bytes bands an alpha band, i.e. a mask
+    # MINISBLACK: GDAL would otherwise declare the 4th of 4 byte bands an alpha band, i.e. a mask
     profile.update(transform=TRANSFORM, nodata=nodata, tiled=True, blockxsize=128, blockysize=128,
                    photometric="MINISBLACK")
     with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(path, "w", crs=crs, **profile) as dst:
@@ -308,6 +306,22 @@ def test_blend_equals_a_full_scene_float64_reference(tmp_path, rng):
     np.testing.assert_array_equal(outputs[None][0], outputs[BLOCK][0])
 
 
+def test_model_digest_tells_weights_apart_and_handles_batchnorm_counters():
+    from seglstm.inference.scene import _model_digest
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))  # num_batches_tracked is a 0-d int64
+    twin = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    twin.load_state_dict(net.state_dict())
+    assert _model_digest(net) == _model_digest(twin)
+    with torch.no_grad():
+        twin[0].weight[0, 0] += 1e-6
+    assert _model_digest(net) != _model_digest(twin)
+    twin.load_state_dict(net.state_dict())
+    twin[1].num_batches_tracked += 1
+    assert _model_digest(net) != _model_digest(twin)
+
+
 # ---------------------------------------------------------------------------------------------- errors
 def test_bad_inputs_give_errors_naming_the_file_or_argument(tmp_path, rng):
     raw = rng.integers(0, 256, (3, 64, 80), dtype=np.uint8)
@@ -408,6 +422,26 @@ def test_fresh_run_discards_a_stale_partial_run(tmp_path, rng):
     np.testing.assert_array_equal(read(out)[0][0], rule_reference(raw, U3, T4))
 
 
+def test_resume_after_all_windows_only_assembles(tmp_path, rng, monkeypatch):
+    raw = rng.integers(0, 256, (3, 300, 457), dtype=np.uint8)
+    src = write_tif(tmp_path / "in.tif", raw)
+    out = tmp_path / "classes.tif"
+    kw = dict(tile=128, overlap=32, strip_width=BLOCK)
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(ScenePredictor, "_assemble", stop)
+        with pytest.raises(KeyboardInterrupt):
+            run(RuleModel(U3, MEAN3, STD3, T4), src, out, MEAN3, STD3, 4, **kw)
+    assert not out.exists()
+    again = RuleModel(U3, MEAN3, STD3, T4)
+    result = run(again, src, out, MEAN3, STD3, 4, resume=True, **kw)
+    assert again.calls == 0 and result.resumed_from_tile == result.tiles
+    np.testing.assert_array_equal(read(out)[0][0], rule_reference(raw, U3, T4))
+
+
 def test_preview_is_the_decimated_colour_coded_map(tmp_path, rng):
     raw = rng.integers(0, 256, (3, 300, 457), dtype=np.uint8)
     raw[:, :30] = 0
@@ -425,24 +459,18 @@ def test_preview_is_the_decimated_colour_coded_map(tmp_path, rng):
 # ------------------------------------------------------------------------------------------------- CLI
 @pytest.fixture
 def fake_loader(monkeypatch):
-    """Stand in for ``seglstm.inference.loading.load_segmentor`` (owned elsewhere) with a rule model."""
+    """Stand in for ``load_segmentor`` with a rule model, to drive the CLI quickly."""
+    loading = pytest.importorskip("seglstm.inference.loading")
     state = {"interrupt_after": None, "calls": []}
 
-    def load_segmentor(ckpt_path, config_path=None, map_location="cpu"):
-        state["calls"].append((ckpt_path, config_path, map_location))
+    def load_segmentor(ckpt_path, config_path=None, map_location="cpu", unsafe=False):
+        state["calls"].append((ckpt_path, config_path, map_location, unsafe))
         model = RuleModel(U3, MEAN3, STD3, T4, interrupt_after=state["interrupt_after"])
         meta = dict(classes=["a", "b", "c", "d"], palette=palette(4), mean=MEAN3, std=STD3, num_classes=4,
-                    test_cfg={"mode": "slide"})
+                    test_cfg={"mode": "whole"})
         return model, meta
 
-    try:
-        import seglstm.inference.loading as loading
-
-        monkeypatch.setattr(loading, "load_segmentor", load_segmentor)
-    except ImportError:
-        module = types.ModuleType("seglstm.inference.loading")
-        module.load_segmentor = load_segmentor
-        monkeypatch.setitem(sys.modules, "seglstm.inference.loading", module)
+    monkeypatch.setattr(loading, "load_segmentor", load_segmentor)
     return state
 
 
@@ -465,7 +493,34 @@ def test_cli_runs_reports_errors_and_resumes(tmp_path, rng, fake_loader, capsys)
     assert seglstm([*base, "--probs", str(tmp_path / "res" / "p.tif")]) == 130
     assert "--resume" in capsys.readouterr().err and not out.exists()
     fake_loader["interrupt_after"] = None
-    assert seglstm([*base, "--probs", str(tmp_path / "res" / "p.tif"), "--resume"]) == 0
-    assert fake_loader["calls"][-1] == ("m.pth", None, "cpu")
+    assert seglstm([*base, "--probs", str(tmp_path / "res" / "p.tif"), "--resume", "--unsafe-load"]) == 0
+    assert fake_loader["calls"][-1] == ("m.pth", None, "cpu", True)
     np.testing.assert_array_equal(read(out)[0][0], rule_reference(raw[[3, 1, 2]], U3, T4))
     assert read(tmp_path / "res" / "p.tif")[0].shape == (4, 700, 300)
+
+
+@pytest.mark.slow
+def test_cli_with_a_real_checkpoint_matches_the_model_on_a_one_window_scene(tmp_path, rng):
+    """The real loader end to end: on a scene that is exactly one window the blend is the identity, so the
+    output must be the model's own argmax on the normalised image."""
+    import seglstm
+    from seglstm.cli.main import main as cli
+    from seglstm.training.task import META_KEY
+
+    classes, pal = ["background", "building", "road", "water"], palette(4)
+    model = seglstm.create_model("seglstm_fcn_t", num_classes=4).eval()
+    meta = dict(model="seglstm_fcn_t", model_kwargs={}, num_classes=4, classes=classes, palette=pal,
+                mean=MEAN3, std=STD3, test_cfg={})
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": model.state_dict(), META_KEY: meta}, ckpt)
+    raw = rng.integers(0, 256, (3, 96, 112), dtype=np.uint8)
+    src = write_tif(tmp_path / "in.tif", raw)
+    out = tmp_path / "out.tif"
+    assert cli(["predict-scene", "--ckpt", str(ckpt), str(src), str(out), "--tile", "128", "--quiet",
+                "--device", "cpu"]) == 0
+    x = (torch.from_numpy(raw).float() - torch.tensor(MEAN3).view(3, 1, 1)) / torch.tensor(STD3).view(3, 1, 1)
+    with torch.no_grad():
+        expected = model(x[None]).argmax(1)[0].numpy()
+    classes_out, info = read(out)
+    np.testing.assert_array_equal(classes_out[0], expected)
+    assert [info["colormap"][i][:3] for i in range(4)] == [tuple(c) for c in pal]

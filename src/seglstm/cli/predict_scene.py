@@ -7,6 +7,7 @@ import logging
 import sys
 
 from seglstm.inference.scene import SceneError, ScenePredictor, parse_bands, parse_scale
+from seglstm.utils.io import UnsafeCheckpointError
 
 PROG = "seglstm predict-scene"
 
@@ -27,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="model config, when the checkpoint does not carry one")
     p.add_argument("--bands", default=None, help="1-based bands fed to the model, e.g. 3,2,1 (default: 1..C)")
     p.add_argument("--tile", type=int, default=1024, help="window side in pixels (default 1024)")
-    p.add_argument("--overlap", type=int, default=256, help="overlap between windows in pixels (default 256)")
+    p.add_argument(
+        "--overlap", type=int, default=None, help="overlap between windows in pixels (default tile / 4: 256)"
+    )
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--no-amp", action="store_true", help="run CUDA in float32 instead of autocast")
@@ -42,7 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probs", default=None, help="also write per-class probabilities (uint8 0..255) here")
     p.add_argument("--preview", default=None, help="also write a colour-coded PNG preview here")
     p.add_argument("--preview-size", type=int, default=1024, help="longest preview side (default 1024)")
-    p.add_argument("--buffer-mb", type=float, default=512.0, help="blending buffer budget in MiB; sets the strip width (default 512)")
+    p.add_argument(
+        "--buffer-mb",
+        type=float,
+        default=512.0,
+        help="blending buffer budget in MiB; sets the strip width (default 512)",
+    )
     p.add_argument("--resume", action="store_true", help="continue an interrupted run of the same command")
     p.add_argument("--allow-no-crs", action="store_true", help="accept an input without a CRS")
     p.add_argument("--unsafe-load", action="store_true", help="allow full unpickling of a trusted checkpoint")
@@ -54,13 +62,14 @@ def main(argv: list[str]) -> int:
     """Run the command; 0 on success, 2 on bad input, 130 when interrupted (resumable)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"{PROG}: %(message)s")
+    # imported here: the loader pulls in every model and the training stack, which --help does not need
+    from seglstm.inference.loading import SegmentorLoadError, load_segmentor
+    from seglstm.models.checkpoint import CheckpointMismatchError
+
     try:
         bands = None if args.bands is None else parse_bands(args.bands)
         scale = parse_scale(args.scale)
-        from seglstm.inference.loading import load_segmentor
-
-        load_kw = {"unsafe": True} if args.unsafe_load else {}
-        model, meta = load_segmentor(args.ckpt, args.config, map_location="cpu", **load_kw)
+        model, meta = load_segmentor(args.ckpt, args.config, map_location="cpu", unsafe=args.unsafe_load)
         if meta["num_classes"] != len(meta["palette"]):
             raise SceneError(
                 f"--ckpt {args.ckpt}: the model has {meta['num_classes']} classes but its palette has "
@@ -73,7 +82,7 @@ def main(argv: list[str]) -> int:
             meta["classes"],
             meta["palette"],
             tile=args.tile,
-            overlap=args.overlap,
+            overlap=args.tile // 4 if args.overlap is None else args.overlap,
             batch_size=args.batch_size,
             device=args.device,
             amp=not args.no_amp,
@@ -91,7 +100,13 @@ def main(argv: list[str]) -> int:
             resume=args.resume,
             allow_no_crs=args.allow_no_crs,
         )
-    except (SceneError, FileNotFoundError) as err:
+    except (
+        SceneError,
+        FileNotFoundError,
+        SegmentorLoadError,
+        CheckpointMismatchError,
+        UnsafeCheckpointError,
+    ) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -333,8 +333,8 @@ def _model_digest(model: nn.Module) -> str:
     """Fingerprint of the weights, so that ``--resume`` refuses to mix two models in one scene."""
     h = hashlib.sha256()
     for name, tensor in model.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        t = tensor.detach().cpu().reshape(-1)  # 1-D: a 0-d tensor (BN's num_batches_tracked) has no byte view
+        h.update(f"{name}:{t.dtype}:{tuple(tensor.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
