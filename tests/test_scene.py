@@ -126,6 +126,15 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The toy models run tiny kernels: extra threads only spin, and halve the speed on a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ------------------------------------------------------------------------------------------- planning
 def test_tile_grid_matches_mmseg_slide_and_covers_scene(rng):
     for _ in range(50):
