@@ -193,6 +193,15 @@ def test_check_data_cli(tmp_path: Path, synthetic: Path, capsys: pytest.CaptureF
     assert "is not a directory" in capsys.readouterr().err
 
 
+def test_check_data_composes_base_configs(tmp_path: Path, synthetic: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "_base_").mkdir()
+    (tmp_path / "_base_" / "data.yaml").write_text(yaml.safe_dump({"data": {"root": "/nowhere", "num_workers": 0}}))
+    top = tmp_path / "top.yaml"
+    top.write_text(yaml.safe_dump({"_base_": ["_base_/data.yaml"], "data": {"root": str(synthetic)}}))
+    assert check_data_cli([str(top), "--split", "val", "--quiet"]) == 0
+    assert "LoveDA val: 3/3 items readable" in capsys.readouterr().out
+
+
 def test_check_data_predict_root(tmp_path: Path, synthetic: Path, capsys: pytest.CaptureFixture) -> None:
     images = tmp_path / "pred"
     save(images / "a.png", rgb(np.random.default_rng(0), 20, 30))

@@ -8,8 +8,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -30,12 +28,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def data_init_args(config: Path) -> dict[str, Any]:
-    """The SegDataModule arguments of a LightningCLI YAML (``data.init_args`` or a plain ``data`` mapping)."""
-    try:
-        doc = yaml.safe_load(config.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as err:
-        raise ValueError(f"{config}: cannot read the config ({err})") from err
-    data = doc.get("data") if isinstance(doc, dict) else None
+    """The SegDataModule arguments of a LightningCLI YAML (``data.init_args`` or a plain ``data`` mapping),
+    after the same ``_base_`` composition ``seglstm fit`` applies."""
+    from seglstm.training.config import compose_config
+
+    doc = compose_config(config)
+    data = doc.get("data")
     if not isinstance(data, dict):
         raise ValueError(f"{config}: no 'data:' section")
     class_path = data.get("class_path")
@@ -55,7 +53,7 @@ def main(argv: list[str]) -> int:
 
     try:
         module = SegDataModule(**data_init_args(args.config))
-    except (ValueError, TypeError, DataError, DatasetNotFoundError) as err:
+    except (ValueError, TypeError, DataError, DatasetNotFoundError) as err:  # ConfigError is a ValueError
         print(f"seglstm check-data: {args.config}: {err}", file=sys.stderr)
         return 1
     splits = args.split or list(dict.fromkeys(["train", "val", module.test_split]))

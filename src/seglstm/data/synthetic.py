@@ -24,8 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from seglstm.data.io import write_png
-from seglstm.utils.io import atomic_write_text
+from seglstm.data.io import FILE_MODE, write_png, write_text
 
 GENERATOR_VERSION = 1
 NODATA, BACKGROUND, BUILDING, ROAD, WATER, BARREN, FOREST, AGRICULTURE = range(8)
@@ -82,7 +81,7 @@ class _Scene:
         self.shadow_im, self.shadow_draw = self.canvas()
         # scene-wide drift of vegetation and soil colours, so that no class has a fixed colour
         self.veg_tint = rng.normal(0, 0.07, 3)
-        self.soil_tint = rng.normal(0, 0.06, 3)
+        self.soil_tint = rng.normal(0, 0.035, 3)
         self._white = rng.standard_normal((size, size), dtype=np.float32)
         self._mottle: dict[float, np.ndarray] = {}
         self.field_theta = rng.uniform(0, math.pi)
@@ -221,9 +220,9 @@ class _Scene:
 
     def barren(self, mask: np.ndarray) -> None:
         """Bare soil or rubble: light, speckled, with faint vehicle tracks."""
-        rgb = self.colour((174, 164, 144), 0.05, self.soil_tint)
+        rgb = self.colour((178, 164, 136), 0.04, self.soil_tint)
         if self.rng.random() < 0.35:
-            rgb = self.colour((158, 156, 150), 0.04)
+            rgb = self.colour((162, 158, 146), 0.03)
         shade = self.texture(mask, 0.09, 10, 0.03)
         shade[self.grain(1.0)[mask] > 1.5] *= self.rng.uniform(0.75, 1.15)
         angle = self.rng.uniform(0, math.pi)
@@ -830,7 +829,7 @@ def generate(
         "classes": ["no-data", "background", "building", "road", "water", "barren", "forest", "agricultural"],
         "domains": domains,
     }
-    atomic_write_text(meta_path, json.dumps(meta, indent=1, sort_keys=True) + "\n")
+    write_text(meta_path, json.dumps(meta, indent=1, sort_keys=True) + "\n")
     return out
 
 
@@ -918,4 +917,5 @@ def sample_grid(
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=10)
     path = Path(path)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=72, format=path.suffix.lstrip(".") or "png")
+        fig.savefig(tmp, dpi=60, format=path.suffix.lstrip(".") or "png")
+        os.chmod(tmp, FILE_MODE)

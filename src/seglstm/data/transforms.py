@@ -334,13 +334,13 @@ class PhotoMetricDistortion(Transform):
                 f"{_path(sample)}: PhotoMetricDistortion needs a 3-channel RGB image, got {img.shape[0]} "
                 "channels (turn photometric distortion off for multi-band data)"
             )
-        if float(img.max()) > 255.0 or float(img.min()) < 0.0:
+        if float(img.max()) > 255.5 or float(img.min()) < -0.5:  # bilinear resizing can overshoot by ~1e-5
             raise DataError(
                 f"{_path(sample)}: PhotoMetricDistortion expects 8-bit values in 0..255, got "
                 f"{float(img.min()):g}..{float(img.max()):g} (turn photometric distortion off for this data)"
             )
         out = dict(sample)
-        out["image"] = self.apply(img.to(torch.float32), self.sample_params(generator))
+        out["image"] = self.apply(img.to(torch.float32).clamp(0.0, 255.0), self.sample_params(generator))
         return out
 
 
