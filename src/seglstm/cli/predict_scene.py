@@ -7,7 +7,7 @@ import logging
 import sys
 
 from seglstm.inference.scene import SceneError, ScenePredictor, parse_bands, parse_scale
-from seglstm.utils.io import UnsafeCheckpointError
+from seglstm.utils.io import CheckpointLoadError
 
 PROG = "seglstm predict-scene"
 
@@ -105,7 +105,7 @@ def main(argv: list[str]) -> int:
         FileNotFoundError,
         SegmentorLoadError,
         CheckpointMismatchError,
-        UnsafeCheckpointError,
+        CheckpointLoadError,
     ) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
+import re
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -47,12 +49,63 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-class UnsafeCheckpointError(RuntimeError):
+class CheckpointLoadError(RuntimeError):
+    """A checkpoint file cannot be loaded safely; the message names the file."""
+
+
+class UnsafeCheckpointError(CheckpointLoadError):
     """A checkpoint needs arbitrary unpickling, which we refuse unless the user opts in."""
 
 
+class CorruptCheckpointError(CheckpointLoadError):
+    """A checkpoint file is truncated or not a torch checkpoint at all."""
+
+
+class _PlainRecord:
+    """Inert stand-in for a foreign class (mmengine's ``HistoryBuffer``) found in checkpoint metadata.
+
+    The weights-only unpickler may create it and fill its ``__dict__``; it has no methods that run on load,
+    so a file naming it can do nothing but leave data behind.
+    """
+
+
+def _numpy_safe_globals() -> list[Any]:
+    """numpy scalars, dtypes and arrays as mmseg/mmengine checkpoints store them in ``meta``.
+
+    Each is listed under its numpy 2 name and its numpy 1 name (``numpy.core``), since the pickle names the
+    function as the writing numpy called it.
+    """
+    import numpy as np
+    from numpy._core import multiarray as ma  # numpy >= 2 (the project's floor)
+
+    out: list[Any] = [np.ndarray, np.dtype]
+    for fn in (ma.scalar, ma._reconstruct):
+        out += [(fn, f"numpy._core.multiarray.{fn.__name__}"), (fn, f"numpy.core.multiarray.{fn.__name__}")]
+    out += [type(np.dtype(t)) for t in (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16,
+                                         np.uint32, np.uint64, np.float16, np.float32, np.float64, np.str_)]
+    return out
+
+
+def checkpoint_safe_globals() -> list[Any]:
+    """What our loader adds to torch's weights-only allow-list: plain numpy data, and mmengine's message-hub
+    ``HistoryBuffer`` read into an inert record (mmengine is not installed, so it could not load anyway)."""
+    return [
+        *_numpy_safe_globals(),
+        (_PlainRecord, "mmengine.logging.history_buffer.HistoryBuffer"),
+    ]
+
+
 def torch_load(path: str | os.PathLike, unsafe: bool = False, map_location: Any = "cpu") -> Any:
-    """Load a checkpoint with ``weights_only=True``; arbitrary pickles need ``unsafe=True`` and warn."""
+    """Load a checkpoint with ``weights_only=True``; arbitrary pickles need ``unsafe=True`` and warn.
+
+    Checkpoints from the internet are untrusted: full unpickling runs whatever code the file names. The
+    allow-list is torch's plus :func:`checkpoint_safe_globals` (numpy metadata of mmseg checkpoints).
+
+    Raises:
+        FileNotFoundError: ``path`` is not a file.
+        CorruptCheckpointError: the file is truncated or not a torch checkpoint.
+        UnsafeCheckpointError: the file names a global outside the allow-list; the message names it.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist or is not a file")
@@ -62,9 +115,29 @@ def torch_load(path: str | os.PathLike, unsafe: bool = False, map_location: Any 
         )
         return torch.load(path, map_location=map_location, weights_only=False)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError or RuntimeError depending on the payload
+        with torch.serialization.safe_globals(checkpoint_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        text = str(err)
+        found = re.search(r"GLOBAL (\S+)", text)
+        detail = re.search(r"WeightsUnpickler error:\s*(.+?)\n\n", text, re.S)
+        if found:
+            what = f"it names {found.group(1)}, which is not on the allow-list"
+        elif detail:
+            what = " ".join(detail.group(1).split())
+        else:
+            what = text.strip().splitlines()[0]
         raise UnsafeCheckpointError(
-            f"refusing to load {path}: it is not a plain tensor checkpoint ({type(err).__name__}: "
-            f"{str(err).splitlines()[0][:200]}). If you trust its source, pass --unsafe-load."
+            f"refusing to load {path}: it is not a plain tensor checkpoint ({what[:300]}). Loading it fully "
+            "would run code from the file; if you trust its source, pass --unsafe-load."
         ) from err
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as err:
+        raise CorruptCheckpointError(_corrupt_message(path, err)) from err
+
+
+def _corrupt_message(path: Path, err: BaseException) -> str:
+    first = (str(err).splitlines() or [""])[0][:200]
+    return (
+        f"cannot read checkpoint {path} ({path.stat().st_size} bytes): truncated or not a torch checkpoint "
+        f"({type(err).__name__}: {first})"
+    )
