@@ -40,9 +40,9 @@ class ConfigValueError(ValueError):
 
 
 def _datamodule_class() -> type:
-    from seglstm.data.datamodule import SegDataModule
+    from seglstm.training.data_order import ResumableSegDataModule
 
-    return SegDataModule
+    return ResumableSegDataModule
 
 
 def expand_configs(argv: list[str]) -> tuple[list[str], list[str]]:

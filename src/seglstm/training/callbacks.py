@@ -81,11 +81,26 @@ class RunCheckpoint(ModelCheckpoint):
         self._root_dirpath(trainer)
         return super()._find_last_checkpoints(trainer)
 
+    def _save_now(self, trainer: pl.Trainer) -> None:
+        candidates = self._monitor_candidates(trainer)
+        self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        # The final step is saved here, with the loop state of any periodic save, rather than in
+        # on_train_end, where Lightning already counts a part-done epoch as finished (a resume from there
+        # would start the next epoch's data order).
+        last_step = trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step
+        if self.save_on_train_end and last_step and self._last_global_step_saved != trainer.global_step:
+            self._save_now(trainer)
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Training stopped for another reason (max_epochs, max_time, early stopping): save what there is.
         if self.save_on_train_end and self._last_global_step_saved != trainer.global_step:
-            candidates = self._monitor_candidates(trainer)
-            self._save_topk_checkpoint(trainer, candidates)
-            self._save_last_checkpoint(trainer, candidates)
+            self._save_now(trainer)
         super().on_train_end(trainer, pl_module)
 
 

@@ -134,6 +134,11 @@ class SegmentationTask(LightningModule):
         self.class_names = [f"class_{i}" for i in range(num_classes)]
         self.meta: dict[str, Any] = {}
         self.test_results: dict[str, Any] | None = None
+        # The training RNG stream (dropout, drop path) is pinned to the training steps: the state left by
+        # one step is handed to the next, so validation or a new epoch's DataLoader drawing from the global
+        # RNG in between changes nothing, and a resumed run continues from the checkpoint's state exactly.
+        self._rng_after_step: dict[str, Any] | None = None
+        self._rng_resume: dict[str, Any] | None = None
 
     # -- wiring to the data -------------------------------------------------------------------------------
 
@@ -175,7 +180,7 @@ class SegmentationTask(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Plain types only: load_segmentor reads checkpoints with weights_only=True. The RNG states make a
         # resumed run draw the same dropout masks as an uninterrupted one (Lightning does not save them).
-        checkpoint[RNG_KEY] = rng_state()
+        checkpoint[RNG_KEY] = self._rng_after_step if self._rng_after_step is not None else rng_state()
         checkpoint[META_KEY] = {
             **self.meta,
             "classes": list(self.class_names),
@@ -188,7 +193,7 @@ class SegmentationTask(LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if RNG_KEY in checkpoint and self._trainer is not None and self.trainer.state.fn == "fit":
-            set_rng_state(checkpoint[RNG_KEY])
+            self._rng_resume = checkpoint[RNG_KEY]
         meta = checkpoint.get(META_KEY)
         if meta:
             self.class_names = list(meta.get("classes", self.class_names))
@@ -217,9 +222,16 @@ class SegmentationTask(LightningModule):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.model(image)
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        state = self._rng_resume if self._rng_resume is not None else self._rng_after_step
+        if state is not None:
+            set_rng_state(state)
+        self._rng_resume = None
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         image, mask = batch["image"], batch["mask"]
         losses = self.model.loss(image, mask)
+        self._rng_after_step = rng_state()
         bs = image.shape[0]
         self.log("train/loss", losses["loss"], prog_bar=True, batch_size=bs)
         for key, value in losses.items():
