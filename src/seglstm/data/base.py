@@ -18,6 +18,7 @@ from seglstm.data.io import (
     DataError,
     DatasetNotFoundError,
     image_size,
+    item_error,
     read_image,
     read_mask,
 )
@@ -283,6 +284,14 @@ class SegDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> Sample:
         epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {self!r}")
+        try:
+            return self._get(epoch, index)
+        except Exception as err:
+            raise item_error(err, self.files[index][0], index) from err
+
+    def _get(self, epoch: int, index: int) -> Sample:
         sample = self.load(index)
         if self.transforms is None:
             return sample

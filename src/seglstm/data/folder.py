@@ -19,6 +19,7 @@ from seglstm.data.io import (
     IMAGE_SUFFIXES,
     TIFF_SUFFIXES,
     DataError,
+    item_error,
     list_files,
     read_image,
 )
@@ -202,10 +203,13 @@ class ImageFolder(Dataset):
 
     def __getitem__(self, index: int) -> Sample:
         path = self.files[index]
-        image = read_image(path, channels=self.channels, bands=self.bands, max_pixels=self.max_pixels)
-        sample: Sample = {
-            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)).astype(np.float32)),
-            "path": str(path),
-            "ori_shape": (int(image.shape[0]), int(image.shape[1])),
-        }
-        return sample if self.transforms is None else self.transforms(sample)
+        try:
+            image = read_image(path, channels=self.channels, bands=self.bands, max_pixels=self.max_pixels)
+            sample: Sample = {
+                "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)).astype(np.float32)),
+                "path": str(path),
+                "ori_shape": (int(image.shape[0]), int(image.shape[1])),
+            }
+            return sample if self.transforms is None else self.transforms(sample)
+        except Exception as err:
+            raise item_error(err, path, index) from err

@@ -44,6 +44,18 @@ class DataError(ValueError):
     """A data file is missing, unreadable or inconsistent; the message starts with the file's path."""
 
 
+def item_error(err: Exception, path: str | Path, index: int) -> Exception:
+    """The exception to raise when loading item ``index`` (file ``path``) failed with ``err``.
+
+    DataLoader workers re-raise only a message, so it must say which file and which index failed: a
+    ``DataError`` keeps its type and gains the index; anything else becomes a ``DataError`` naming both.
+    """
+    if isinstance(err, DataError):
+        err.args = (f"{err.args[0] if err.args else path} (item {index})", *err.args[1:])
+        return err
+    return DataError(f"{path}: item {index} failed to load: {type(err).__name__}: {err}")
+
+
 class DatasetNotFoundError(FileNotFoundError):
     """A dataset root or one of its required folders does not exist."""
 
