@@ -11,11 +11,17 @@ dotted overrides (``--trainer.max_steps 100``, ``--model.model_kwargs '{depths: 
 - lets values stored in a checkpoint given with ``--ckpt_path FILE`` fill the model settings the command
   line and configs leave at their defaults (Lightning's own rule is the reverse: checkpoint over config);
 - adds ``test --out DIR`` (per-image colour masks and overlays; metrics always) and
-  ``predict --out DIR [--format png|loveda]``.
+  ``predict --out DIR [--format png|loveda]``;
+- treats configs and checkpoints as untrusted: YAML is safe-loaded, every ``class_path`` must lie in the
+  project's or Lightning's modules unless ``--allow-class-path MODULE`` names it, and checkpoints load with
+  ``weights_only=True`` unless ``--unsafe-load`` (which warns);
+- with ``--auto-resume`` (or ``SEGLSTM_AUTO_RESUME=1``, or a torchrun elastic restart) ``fit`` resumes from
+  the run's ``checkpoints/last.ckpt`` when there is one.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,11 +31,13 @@ from jsonargparse import Namespace
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from seglstm.data.io import DataError
 from seglstm.training.callbacks import SegPredictionWriter, TestReportWriter
-from seglstm.training.config import ConfigError, compose_config, has_bases
+from seglstm.training.config import ConfigError, check_class_paths, compose_config, has_bases
+from seglstm.training.faults import NonFiniteLossError, RunDirectoryError
 from seglstm.training.task import SegmentationTask
 from seglstm.training.trainer import SegTrainer
-from seglstm.utils.io import atomic_write_text, torch_load
+from seglstm.utils.io import CheckpointLoadError, atomic_write_text, torch_load
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 RUNS_DIR = "runs"
@@ -45,11 +53,32 @@ def _datamodule_class() -> type:
     return ResumableSegDataModule
 
 
-def expand_configs(argv: list[str]) -> tuple[list[str], list[str]]:
-    """Replace every ``--config FILE`` that uses ``_base_`` by the composed YAML text.
+def _check_inline_class_paths(argv: list[str], allowed: tuple[str, ...]) -> None:
+    """``--X.class_path V``, ``--trainer.callbacks+=V`` and YAML/JSON values that hold a ``class_path``."""
+    for i, arg in enumerate(argv):
+        if not arg.startswith("--") or arg.startswith(("--config", "-c")):
+            continue
+        name, value = arg.split("=", 1) if "=" in arg else (arg, argv[i + 1] if i + 1 < len(argv) else "")
+        key = name.lstrip("-")
+        source = f"argument {name}"
+        if key.endswith((".class_path", "+")):
+            parent = key[: -len(".class_path")] if key.endswith(".class_path") else key.rstrip("+")
+            check_class_paths({"class_path": value}, source, allowed, parent)
+        elif "class_path" in value:
+            try:
+                parsed = yaml.safe_load(value)
+            except yaml.YAMLError as err:
+                raise ConfigError(f"{source}: value is not valid YAML: {err}") from err
+            check_class_paths(parsed, source, allowed, key)
+
+
+def expand_configs(argv: list[str], allowed_class_paths: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
+    """Replace every ``--config FILE`` that uses ``_base_`` by the composed YAML text, after checking every
+    config (file or inline) and argument for ``class_path`` values outside the allowed modules.
 
     Returns the new argv and the config file names in order (the last one names the run folder).
     """
+    _check_inline_class_paths(argv, allowed_class_paths)
     out: list[str] = []
     names: list[str] = []
     i = 0
@@ -67,10 +96,18 @@ def expand_configs(argv: list[str]) -> tuple[list[str], list[str]]:
         path = Path(value)
         if path.suffix.lower() in (".yaml", ".yml", ".json") and path.is_file():
             names.append(path.stem)
+            composed = compose_config(path)
+            check_class_paths(composed, str(path), allowed_class_paths)
             if has_bases(path):
-                value = yaml.safe_dump(compose_config(path), sort_keys=False)
+                value = yaml.safe_dump(composed, sort_keys=False)
         elif path.suffix.lower() in (".yaml", ".yml", ".json"):
             raise ConfigError(f"--config {value}: file does not exist")
+        else:
+            try:
+                inline = yaml.safe_load(value)
+            except yaml.YAMLError as err:
+                raise ConfigError(f"--config: the value is neither a .yaml file nor valid YAML: {err}") from err
+            check_class_paths(inline, "--config", allowed_class_paths)
         out += ["--config", value]
         i += step
     return out, names
@@ -90,8 +127,17 @@ class RunConfigCallback(SaveConfigCallback):
 class SegLightningCLI(LightningCLI):
     """LightningCLI with the project's checks, run layout and test/predict outputs (module docstring)."""
 
-    def __init__(self, *args: Any, run_name: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        run_name: str | None = None,
+        unsafe_load: bool = False,
+        auto_resume: bool = False,
+        **kwargs: Any,
+    ) -> None:
         self.run_name = run_name
+        self.unsafe_load = unsafe_load
+        self.auto_resume = auto_resume
         super().__init__(*args, **kwargs)
 
     def _prepare_subcommand_parser(
@@ -146,9 +192,17 @@ class SegLightningCLI(LightningCLI):
         ckpt_path = self.config[sub].get("ckpt_path")
         if ckpt_path in ("last", "best") and sub != "fit":
             ckpt_path = self._resolve_ckpt_alias(sub, ckpt_path)
+        if sub == "fit" and ckpt_path is None and self.auto_resume:
+            last = self._run_root() / "checkpoints" / "last.ckpt"
+            if last.is_file():
+                print(f"seglstm fit: resuming from {last} (auto-resume)", file=sys.stderr)
+                ckpt_path = self.config[sub].ckpt_path = str(last)
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
-        hparams = dict(torch_load(ckpt_path).get("hyper_parameters", {}))
+        ckpt = torch_load(ckpt_path, unsafe=self.unsafe_load)
+        if not isinstance(ckpt, dict):
+            raise ConfigValueError(f"--ckpt_path {ckpt_path}: not a checkpoint dictionary")
+        hparams = dict(ckpt.get("hyper_parameters", {}))
         for key in ("_instantiator", "_class_path"):
             hparams.pop(key, None)
         defaults = self._subcommand_parsers[sub].get_defaults().model
@@ -162,6 +216,11 @@ class SegLightningCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         sub = self.subcommand
         cfg = self.config[sub] if sub else self.config
+        if cfg.trainer.get("unsafe_load") and not self.unsafe_load:
+            raise ConfigValueError(
+                "trainer.unsafe_load is set by a config or argument: full unpickling needs the --unsafe-load flag"
+            )
+        cfg.trainer.unsafe_load = self.unsafe_load
         self._check_data_paths(cfg.data, sub)
         self._link_num_classes(cfg)
         root = self._run_root()
@@ -221,6 +280,42 @@ class SegLightningCLI(LightningCLI):
         return trainer
 
 
+def pop_safety_flags(argv: list[str]) -> tuple[list[str], bool, tuple[str, ...], bool]:
+    """Take ``--unsafe-load``, ``--allow-class-path MODULE`` (repeatable) and ``--auto-resume`` out of ``argv``.
+
+    Returns:
+        ``(rest, unsafe_load, allowed_modules, auto_resume)``.
+    """
+    rest: list[str] = []
+    unsafe = auto_resume = False
+    allowed: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--unsafe-load":
+            unsafe = True
+        elif arg == "--auto-resume":
+            auto_resume = True
+        elif arg == "--allow-class-path":
+            if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
+                raise ConfigError("--allow-class-path needs a module name, e.g. --allow-class-path mypkg")
+            allowed.append(argv[i + 1])
+            i += 1
+        elif arg.startswith("--allow-class-path="):
+            allowed.append(arg.split("=", 1)[1])
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, unsafe, tuple(a for a in allowed if a), auto_resume
+
+
+def _env_auto_resume() -> bool:
+    """``SEGLSTM_AUTO_RESUME=1``, or a restart by torchrun's elastic agent (its restart count is > 0)."""
+    if os.environ.get("SEGLSTM_AUTO_RESUME", "").lower() in ("1", "true", "yes"):
+        return True
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """``argv[0]`` is the sub-command (fit, validate, test, predict); returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -228,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seglstm: expected one of {', '.join(SUBCOMMANDS)} as the first argument", file=sys.stderr)
         return 2
     try:
-        expanded, names = expand_configs(argv)
+        argv, unsafe_load, allowed, auto_resume = pop_safety_flags(argv)
+        expanded, names = expand_configs(argv, allowed)
         SegLightningCLI(
             SegmentationTask,
             _datamodule_class(),
@@ -239,8 +335,13 @@ def main(argv: list[str] | None = None) -> int:
             save_config_kwargs={"overwrite": True},
             args=expanded,
             run_name=names[-1] if names else None,
+            unsafe_load=unsafe_load,
+            auto_resume=auto_resume or _env_auto_resume(),
         )
     except (ConfigError, ConfigValueError) as err:
         print(f"seglstm {argv[0]}: error: {err}", file=sys.stderr)
         return 2
+    except (CheckpointLoadError, RunDirectoryError, NonFiniteLossError, DataError, OSError) as err:
+        print(f"seglstm {argv[0]}: error: {err}", file=sys.stderr)
+        return 1
     return 0

@@ -34,11 +34,26 @@ from seglstm.training.reports import (
     write_metrics_report,
 )
 from seglstm.training.task import item_shapes
-from seglstm.utils.io import atomic_path
+from seglstm.utils.io import atomic_path, torch_load
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` into a temporary file beside the target, renamed over it only when complete."""
+    """``torch.save`` into a temporary file beside the target, renamed over it only when complete; loads
+    (``--ckpt_path``, resume) go through :func:`~seglstm.utils.io.torch_load`, ``weights_only=True``.
+
+    Args:
+        unsafe_load: allow full unpickling of trusted checkpoints (warns); Lightning's own ``weights_only``
+            argument cannot turn the safe loading off.
+    """
+
+    def __init__(self, unsafe_load: bool = False) -> None:
+        super().__init__()
+        self.unsafe_load = unsafe_load
+
+    def load_checkpoint(
+        self, path: str | os.PathLike, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        return torch_load(path, unsafe=self.unsafe_load, map_location=map_location)
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None

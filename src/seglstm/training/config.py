@@ -71,3 +71,56 @@ def compose_config(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dic
 def has_bases(path: str | os.PathLike) -> bool:
     """Whether a config file uses ``_base_`` (and so must be composed before jsonargparse sees it)."""
     return BASE_KEY in _read_yaml(Path(path))
+
+
+ALLOWED_CLASS_PATHS = (
+    "seglstm.",
+    "lightning.pytorch.callbacks.",
+    "lightning.pytorch.loggers.",
+    "lightning.pytorch.strategies.",
+    "lightning.pytorch.plugins.",
+    "lightning.pytorch.profilers.",
+    "torch.optim.",
+)
+"""Modules a config's ``class_path`` may name without ``--allow-class-path``: jsonargparse imports the module
+a class path names, so an unchecked config could run any installed module's top-level code."""
+
+
+class ClassPathError(ConfigError):
+    """A config names a class outside the allowed modules."""
+
+
+def check_class_paths(
+    config: Any, source: str, allowed: tuple[str, ...] = (), key: str = ""
+) -> None:
+    """Refuse any ``class_path`` (at any depth of ``config``) outside :data:`ALLOWED_CLASS_PATHS` + ``allowed``.
+
+    A bare class name (no dot) is accepted: jsonargparse resolves it only among the subclasses already
+    imported for that argument's type.
+
+    Args:
+        config: a parsed config (mappings, lists, scalars).
+        source: the file or argument the config came from, for the message.
+        allowed: extra module prefixes the user named with ``--allow-class-path``.
+        key: the dotted key of ``config`` inside the whole config (for the message).
+    Raises:
+        ClassPathError naming the key, the value and the source.
+    """
+    prefixes = tuple(p if p.endswith(".") else p + "." for p in (*ALLOWED_CLASS_PATHS, *allowed))
+    if isinstance(config, dict):
+        for name, value in config.items():
+            where = f"{key}.{name}" if key else str(name)
+            if name == "class_path":
+                if not isinstance(value, str):
+                    raise ClassPathError(f"{source}: {where} must be a string, got {value!r}")
+                if "." in value and not value.startswith(prefixes):
+                    raise ClassPathError(
+                        f"{source}: {where}={value!r} is outside the modules a config may load "
+                        f"({', '.join(p.rstrip('.') for p in prefixes)}); if you trust it, pass "
+                        f"--allow-class-path {value.rsplit('.', 1)[0]}"
+                    )
+            else:
+                check_class_paths(value, source, allowed, where)
+    elif isinstance(config, list):
+        for i, value in enumerate(config):
+            check_class_paths(value, source, allowed, f"{key}[{i}]")

@@ -10,6 +10,10 @@ What it adds over ``lightning.pytorch.Trainer`` (every other argument is passed 
   ``default_root_dir``, so ``seglstm plot-log`` and TensorBoard read the same run.
 - checkpoints are always written atomically (:class:`~seglstm.training.callbacks.AtomicCheckpointIO`), and
   the progress bar counts iterations to ``max_steps`` with an ETA.
+- checkpoints are always read with ``weights_only=True`` (resume included) unless ``unsafe_load``.
+- faults (:mod:`seglstm.training.faults`): NaN/Inf steps are skipped and counted, and the run stops after
+  ``max_nonfinite_steps`` in a row; ``fit`` probes every output folder before the first step; DDP gets a
+  ``ddp_timeout`` so a dead rank makes the others fail instead of hang.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
 from seglstm.training.callbacks import AtomicCheckpointIO, StepProgressBar
+from seglstm.training.faults import NonFiniteGuard, ddp_strategy, probe_run_dirs
 
 MIXED = ("16-mixed", "bf16-mixed", "16", "bf16", 16, "16-true", "bf16-true")
 
@@ -82,8 +87,12 @@ class SegTrainer(Trainer):
         precision: ``auto`` (see module docstring) or any Lightning precision.
         sync_batchnorm: ``auto``, ``True`` or ``False``.
         logger: ``None``/``True`` for the CSV + TensorBoard pair, ``False`` for none, or Lightning loggers.
-        callbacks: Lightning callbacks; a :class:`StepProgressBar` is added unless one is given.
+        callbacks: Lightning callbacks; a :class:`StepProgressBar` and a :class:`NonFiniteGuard` are added
+            unless one is given.
         plugins: Lightning plugins; :class:`AtomicCheckpointIO` is added unless a ``CheckpointIO`` is given.
+        max_nonfinite_steps: consecutive NaN/Inf steps (each skipped) that stop the run; 0 never stops.
+        ddp_timeout: seconds a DDP collective waits for the other ranks before failing.
+        unsafe_load: read checkpoints (``ckpt_path``) with full unpickling; only for trusted files.
     """
 
     def __init__(
@@ -94,9 +103,16 @@ class SegTrainer(Trainer):
         logger: Logger | Iterable[Logger] | bool | None = None,
         callbacks: list[Callback] | Callback | None = None,
         plugins: Any = None,
+        max_nonfinite_steps: int = 10,
+        ddp_timeout: float = 1800.0,
+        unsafe_load: bool = False,
         **kwargs: Any,
     ) -> None:
         accelerator = kwargs.get("accelerator", "auto")
+        devices = kwargs.get("devices", "auto")
+        n_devices = _device_count(devices) if _wants_cuda(accelerator) or isinstance(devices, int) else 1
+        multi = n_devices * int(kwargs.get("num_nodes", 1) or 1) > 1
+        kwargs["strategy"] = ddp_strategy(kwargs.get("strategy", "auto"), ddp_timeout, multi)
         precision = resolve_precision(precision, accelerator)
         if sync_batchnorm == "auto":
             sync_batchnorm = _wants_cuda(accelerator) and (
@@ -112,11 +128,13 @@ class SegTrainer(Trainer):
             isinstance(c, ProgressBar) for c in callbacks
         ):
             callbacks.append(StepProgressBar())
+        if not any(isinstance(c, NonFiniteGuard) for c in callbacks):
+            callbacks.append(NonFiniteGuard(max_nonfinite_steps))
         plugin_list = (
             [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         )
         if not any(isinstance(p, CheckpointIO) for p in plugin_list):
-            plugin_list.append(AtomicCheckpointIO())
+            plugin_list.append(AtomicCheckpointIO(unsafe_load=unsafe_load))
         super().__init__(
             *args,
             precision=precision,
@@ -126,3 +144,8 @@ class SegTrainer(Trainer):
             plugins=plugin_list,
             **kwargs,
         )
+
+    def fit(self, model: Any, *args: Any, **kwargs: Any) -> None:
+        """``Trainer.fit`` after checking every output folder takes a file and has room for a checkpoint."""
+        probe_run_dirs(self, model)
+        super().fit(model, *args, **kwargs)

@@ -1,0 +1,189 @@
+"""Faults a week-long run must survive: non-finite steps, unwritable or full run folders, dead DDP ranks.
+
+- :class:`NonFiniteGuard`: a step whose loss or gradients are NaN/Inf is skipped (no optimizer update, and
+  the buffers the forward pass touched, BatchNorm statistics included, are put back), counted and logged as
+  ``train/nonfinite_steps``; after ``max_consecutive`` bad steps in a row the run stops with
+  :class:`NonFiniteLossError` before anything else is saved, so the last good checkpoint stays the latest.
+- :func:`probe_run_dirs`: before the first step, every folder the run will write to must accept a file and
+  have room for one more checkpoint, or :class:`RunDirectoryError` says which folder and why.
+- :func:`ddp_strategy`: DDP with a finite process-group timeout, so when one rank dies the others fail with
+  an error instead of waiting forever.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+
+from seglstm.utils.io import atomic_path
+
+DDP_STRATEGIES = ("ddp", "ddp_spawn", "ddp_fork", "ddp_find_unused_parameters_true")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive training steps had a NaN/Inf loss or gradient."""
+
+
+class RunDirectoryError(RuntimeError):
+    """A folder the run writes to is not writable or too full for the next checkpoint."""
+
+
+class NonFiniteGuard(Callback):
+    """Skip and count steps with a non-finite loss or gradient; stop after ``max_consecutive`` in a row.
+
+    Under DDP every rank takes the same decision (any rank's bad step is skipped everywhere), so the ranks'
+    weights stay identical and nobody waits on a collective the others skipped.
+
+    Args:
+        max_consecutive: bad steps in a row that stop the run (``0`` disables stopping, never skipping).
+    """
+
+    def __init__(self, max_consecutive: int = 10) -> None:
+        super().__init__()
+        if max_consecutive < 0:
+            raise ValueError(f"max_consecutive must be >= 0, got {max_consecutive}")
+        self.max_consecutive = max_consecutive
+        self.total = 0
+        self.consecutive = 0
+        self._loss_finite = True
+        self._buffers: list[torch.Tensor] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"total": self.total, "consecutive": self.consecutive}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.total = int(state_dict.get("total", 0))
+        self.consecutive = int(state_dict.get("consecutive", 0))
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        # Buffers are small next to the weights; a copy per step is cheap insurance against NaN statistics.
+        self._buffers = [b.detach().clone() for b in pl_module.buffers()]
+        self._loss_finite = True
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        self._loss_finite = bool(torch.isfinite(loss.detach()).all())
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        finite = self._loss_finite
+        if finite and grads:
+            finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        bad = bool(trainer.strategy.reduce_boolean_decision(not finite, all=False))
+        if not bad:
+            self.consecutive = 0
+        else:
+            self._skip(trainer, pl_module, optimizer)
+        pl_module.log("train/nonfinite_steps", float(self.total), on_step=True, on_epoch=False)
+        if bad and self.max_consecutive and self.consecutive >= self.max_consecutive:
+            raise NonFiniteLossError(
+                f"{self.consecutive} consecutive training steps had a NaN/Inf loss or gradient (last at "
+                f"iteration {trainer.global_step}, {self.total} skipped in all); stopping. None of them updated "
+                "the weights, so every checkpoint of this run holds good weights: lower the learning rate or "
+                "check the data, then resume from the last checkpoint. "
+                "trainer.max_nonfinite_steps sets the limit."
+            )
+
+    def _skip(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None  # AdamW (and every torch optimizer) leaves parameters without a gradient alone
+        with torch.no_grad():
+            for buf, saved in zip(pl_module.buffers(), self._buffers):
+                buf.copy_(saved)
+        self.total += 1
+        self.consecutive += 1
+        what = "loss" if not self._loss_finite else "gradient"
+        rank_zero_warn(
+            f"non-finite {what} at iteration {trainer.global_step}: step skipped ({self.consecutive} in a row, "
+            f"{self.total} in all)"
+        )
+
+
+def checkpoint_bytes(module: torch.nn.Module) -> int:
+    """Rough size of one checkpoint: weights, AdamW's two moments per weight, and the buffers."""
+    params = sum(p.numel() * p.element_size() for p in module.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in module.buffers())
+    return 3 * params + buffers
+
+
+def probe_dir(folder: str | os.PathLike, need_bytes: int = 0) -> None:
+    """Create ``folder``, write and remove a file in it, and check it has ``need_bytes`` free.
+
+    Raises:
+        RunDirectoryError naming the folder and the cause.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(folder / ".seglstm-write-probe") as tmp:
+            tmp.write_bytes(b"seglstm write probe\n")
+        (folder / ".seglstm-write-probe").unlink()
+    except OSError as err:
+        raise RunDirectoryError(
+            f"cannot write to {folder} ({err.strerror or err}): fix its permissions or choose another "
+            "trainer.default_root_dir before training starts"
+        ) from err
+    free = shutil.disk_usage(folder).free
+    if free < need_bytes:
+        raise RunDirectoryError(
+            f"{folder} has {free / 2**20:.1f} MiB free but a checkpoint of this model needs about "
+            f"{need_bytes / 2**20:.1f} MiB: free space or choose another trainer.default_root_dir"
+        )
+
+
+def probe_run_dirs(trainer: pl.Trainer, model: torch.nn.Module) -> list[Path]:
+    """Probe the run folder, every checkpoint folder and every logger folder of ``trainer`` (rank 0 only).
+
+    Returns:
+        The folders probed.
+    """
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    root = Path(trainer.default_root_dir)
+    folders: dict[Path, int] = {root: 0}
+    need = checkpoint_bytes(model)
+    for cb in trainer.callbacks:
+        if isinstance(cb, ModelCheckpoint):
+            folder = Path(cb.dirpath) if cb.dirpath is not None else root / "checkpoints"
+            folders[folder] = need
+    for logger in trainer.loggers:
+        if logger.save_dir is not None:
+            folders.setdefault(Path(logger.save_dir), 0)
+    if trainer.is_global_zero:
+        for folder, need_bytes in folders.items():
+            probe_dir(folder, need_bytes)
+    return list(folders)
+
+
+def ddp_strategy(strategy: Any, timeout_s: float, multi_device: bool) -> Any:
+    """``strategy`` with a process-group timeout when it is (or ``auto`` resolves to) DDP.
+
+    Args:
+        strategy: the ``trainer.strategy`` value.
+        timeout_s: seconds a collective may wait for the other ranks.
+        multi_device: whether ``auto`` would pick DDP (several devices or nodes).
+    """
+    from lightning.pytorch.strategies import DDPStrategy
+
+    if timeout_s <= 0:
+        raise ValueError(f"trainer.ddp_timeout must be > 0 seconds, got {timeout_s}")
+    if not isinstance(strategy, str) or strategy not in (*DDP_STRATEGIES, "auto"):
+        return strategy
+    if strategy == "auto" and not multi_device:
+        return strategy
+    kwargs: dict[str, Any] = {"timeout": timedelta(seconds=timeout_s)}
+    if strategy in ("ddp_spawn", "ddp_fork"):
+        kwargs["start_method"] = strategy.split("_")[1]
+    if strategy == "ddp_find_unused_parameters_true":
+        kwargs["find_unused_parameters"] = True
+    return DDPStrategy(**kwargs)
