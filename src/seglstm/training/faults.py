@@ -87,7 +87,7 @@ class NonFiniteGuard(Callback):
         if bad and self.max_consecutive and self.consecutive >= self.max_consecutive:
             raise NonFiniteLossError(
                 f"{self.consecutive} consecutive training steps had a NaN/Inf loss or gradient (last at "
-                f"iteration {trainer.global_step}, {self.total} skipped in all); stopping. None of them updated "
+                f"iteration {trainer.global_step + 1}, {self.total} skipped in all); stopping. None of them updated "
                 "the weights, so every checkpoint of this run holds good weights: lower the learning rate or "
                 "check the data, then resume from the last checkpoint. "
                 "trainer.max_nonfinite_steps sets the limit."
@@ -104,7 +104,7 @@ class NonFiniteGuard(Callback):
         self.consecutive += 1
         what = "loss" if not self._loss_finite else "gradient"
         rank_zero_warn(
-            f"non-finite {what} at iteration {trainer.global_step}: step skipped ({self.consecutive} in a row, "
+            f"non-finite {what} at iteration {trainer.global_step + 1}: step skipped ({self.consecutive} in a row, "
             f"{self.total} in all)"
         )
 

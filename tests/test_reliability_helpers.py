@@ -1,0 +1,113 @@
+"""Shared pieces of the reliability tests: a tiny registered segmentor that can be told to go non-finite on
+chosen steps, a synthetic LoveDA folder and a CLI config around them (child processes import this too)."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from seglstm.models.registry import list_models, register_model
+
+
+class RelTinySeg(nn.Module):
+    """Segmentor interface (``loss``, ``inference``) with BatchNorm, so a NaN batch would poison buffers.
+
+    Args:
+        num_classes: output classes.
+        nan_input_steps: 1-based training calls whose input is multiplied by NaN (loss and BN stats go NaN).
+        nan_grad_steps: 1-based training calls whose loss stays finite but whose gradient is NaN.
+        inf_loss_steps: 1-based training calls whose loss is +Inf.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        nan_input_steps: list[int] | None = None,
+        nan_grad_steps: list[int] | None = None,
+        inf_loss_steps: list[int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.neck = None
+        self.decode_head = nn.Conv2d(8, num_classes, 1)
+        self.auxiliary_head = None
+        self.nan_input_steps = set(nan_input_steps or [])
+        self.nan_grad_steps = set(nan_grad_steps or [])
+        self.inf_loss_steps = set(inf_loss_steps or [])
+        self.calls = 0
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return self.decode_head(self.backbone(img))
+
+    def loss(self, img: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.calls += 1
+        if self.calls in self.nan_input_steps:
+            img = img * math.nan
+        logits = self(img)
+        if self.calls in self.nan_grad_steps:
+            logits.register_hook(lambda g: torch.full_like(g, math.nan))
+        ce = F.cross_entropy(logits, mask, ignore_index=255)
+        if self.calls in self.inf_loss_steps:
+            ce = ce * math.inf
+        return {"loss": ce, "loss_decode": ce}
+
+    @torch.no_grad()
+    def inference(self, img: torch.Tensor, mode: str | None = None) -> torch.Tensor:
+        return self(img)
+
+
+if "rel_tiny_seg" not in list_models():
+
+    @register_model
+    def rel_tiny_seg(num_classes: int, **kwargs: Any) -> RelTinySeg:
+        return RelTinySeg(num_classes, **kwargs)
+
+
+def make_synth(root: Path, train: int = 4, val: int = 2, size: int = 32) -> Path:
+    """A small synthetic LoveDA folder (the generator is deterministic from its seed)."""
+    from seglstm.data.synthetic import generate
+
+    if not (root / "meta.json").is_file():
+        generate(root, train, val, 0, size=size, seed=0, workers=1, overwrite=False, progress=False)
+    return root
+
+
+def write_config(path: Path, data_root: Path, run_dir: Path, max_steps: int = 3, **model: Any) -> Path:
+    """A CLI config for ``rel_tiny_seg`` on ``data_root``: checkpoint every step, no validation."""
+    cfg = {
+        "model": {"model": "rel_tiny_seg", "warmup_iters": 0, "lr": 0.01, "model_kwargs": model or None},
+        "data": {
+            "dataset": "loveda", "root": str(data_root), "batch_size": 2, "val_batch_size": 1, "num_workers": 0,
+            "crop_size": [16, 16], "train_scale": [32, 16], "test_scale": [32, 32],
+        },
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "max_steps": max_steps, "logger": False,
+            "default_root_dir": str(run_dir), "enable_progress_bar": False, "enable_model_summary": False,
+            "num_sanity_val_steps": 0, "limit_val_batches": 0,
+            "callbacks": [{
+                "class_path": "seglstm.training.callbacks.RunCheckpoint",
+                "init_args": {"filename": "iter_{step}", "every_n_train_steps": 1, "save_last": True},
+            }],
+        },
+    }  # fmt: skip
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` (empty when it does not exist): "no output was corrupted"."""
+    if not folder.exists():
+        return {}
+    return {
+        os.fspath(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
