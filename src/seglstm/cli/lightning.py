@@ -253,7 +253,10 @@ class SegLightningCLI(LightningCLI):
             raise ConfigValueError(f"data.classes_file: {classes_file} does not exist")
 
     def _link_num_classes(self, cfg: Namespace) -> None:
-        datamodule = _datamodule_class()(**cfg.data.as_dict())
+        try:
+            datamodule = _datamodule_class()(**cfg.data.as_dict())
+        except (ValueError, TypeError, FileNotFoundError) as err:  # DataError is a ValueError
+            raise ConfigValueError(f"data: {err}") from err
         n = int(datamodule.num_classes)
         given = cfg.model.get("num_classes")
         if given is None:
