@@ -24,14 +24,19 @@ from seglstm.data.datamodule import SegDataModule
 
 
 class _SkipFirst:
-    """Index sampler that drops its first ``n`` items once (later passes are untouched)."""
+    """Index sampler that drops the first ``loader._skip_now`` items of the passes it starts.
 
-    def __init__(self, base: Iterable, n: int) -> None:
-        self.base, self.n = base, n
+    The count is read from the loader on every ``iter()``: it is non-zero only while the resumed pass's
+    iterator is being created (torch calls ``iter()`` on the index sampler more than once then, with worker
+    processes), so later epochs, which reuse this object through persistent workers, are not cut.
+    """
+
+    def __init__(self, base: Iterable, loader: ResumableDataLoader) -> None:
+        self.base, self.loader = base, loader
 
     def __iter__(self) -> Iterator:
-        n, self.n = self.n, 0
-        return itertools.islice(iter(self.base), n, None)
+        n = self.loader._skip_now
+        return itertools.islice(iter(self.base), n, None) if n else iter(self.base)
 
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
@@ -78,7 +83,9 @@ class ResumableDataLoader(DataLoader):
     def from_loader(cls, loader: DataLoader) -> ResumableDataLoader:
         """The same loading (dataset, sampler, batching, workers) as ``loader``, resumable."""
         if loader.batch_sampler is None:
-            raise ValueError("ResumableDataLoader needs a batched DataLoader (batch_size or batch_sampler set)")
+            raise ValueError(
+                "ResumableDataLoader needs a batched DataLoader (batch_size or batch_sampler set)"
+            )
         kwargs: dict[str, Any] = {
             "num_workers": loader.num_workers,
             "collate_fn": loader.collate_fn,
@@ -100,7 +107,7 @@ class ResumableDataLoader(DataLoader):
     @property
     def _index_sampler(self) -> Any:
         base = super()._index_sampler
-        return _SkipFirst(base, self._skip_now) if self._skip_now else base
+        return _SkipFirst(base, self) if self._skip_now else base
 
     def __iter__(self) -> _LazyPass:  # type: ignore[override]
         return _LazyPass(self)
