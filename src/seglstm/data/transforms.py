@@ -83,9 +83,10 @@ class Compose(Transform):
 
 def rescale_size(height: int, width: int, scale: Sequence[float]) -> tuple[int, int]:
     """Output ``(h, w)`` of mmcv's keep-ratio rescale: fit the long edge in ``max(scale)`` and the short
-    edge in ``min(scale)``, rounding half up."""
+    edge in ``min(scale)``, rounding half up; never below one pixel (a thin strip would otherwise round
+    to an empty image, which no resize accepts)."""
     factor = min(max(scale) / max(height, width), min(scale) / min(height, width))
-    return int(height * factor + 0.5), int(width * factor + 0.5)
+    return max(1, int(height * factor + 0.5)), max(1, int(width * factor + 0.5))
 
 
 def _resize(sample: Sample, size: tuple[int, int], resize_mask: bool = True) -> Sample:
