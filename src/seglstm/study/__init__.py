@@ -1,0 +1,23 @@
+"""The comparison study: train and measure several segmentors under one data config, recipe and budget.
+
+``seglstm compare`` is :func:`run_compare`; :mod:`seglstm.study.measure` holds the cost measurements the
+benchmark scripts share, :mod:`seglstm.study.plots` the figures. Submodules are imported on use so that
+``import seglstm.study`` stays light.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from seglstm.study.compare import Budget, CompareConfig, parse_budget, run_compare
+
+__all__ = ["Budget", "CompareConfig", "parse_budget", "run_compare"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from seglstm.study import compare
+
+        return getattr(compare, name)
+    raise AttributeError(f"module 'seglstm.study' has no attribute {name!r}")
