@@ -257,6 +257,7 @@ def test_grad_checkpointing_gives_the_same_gradients():
         grads.append([p.grad.clone() for p in enc.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+    assert all(s.grad_checkpointing for s in VMamba(dims=8, depths=(1, 1), grad_checkpointing=True).stages)
 
 
 def test_presets_register_and_match_vmamba_v0():

@@ -392,6 +392,7 @@ class VMamba(nn.Module):
         d_state, ssm_ratio, dt_rank, d_conv, scan_backend: SS2D settings.
         mlp_ratio: hidden ratio of the MLP after each SS2D (0 = no MLP, VMamba v0).
         drop_path_rate: stochastic depth, increased linearly over all blocks.
+        grad_checkpointing: start with ``set_grad_checkpointing(True)`` (selectable from configs).
     """
 
     def __init__(
@@ -407,6 +408,7 @@ class VMamba(nn.Module):
         mlp_ratio: float = 0.0,
         drop_path_rate: float = 0.0,
         scan_backend: ScanBackend = "auto",
+        grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(dims, int):
@@ -446,6 +448,7 @@ class VMamba(nn.Module):
         for m in self.modules():
             if isinstance(m, SS2D):
                 m.reset_ssm_parameters()
+        self.set_grad_checkpointing(grad_checkpointing)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
