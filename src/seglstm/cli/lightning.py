@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -328,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         argv, unsafe_load, allowed, auto_resume = pop_safety_flags(argv)
         expanded, names = expand_configs(argv, allowed)
+        # argv is handed over explicitly (composed configs replace file names), which LightningCLI would
+        # otherwise report as "args given while sys.argv also has arguments" on every run.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         SegLightningCLI(
             SegmentationTask,
             _datamodule_class(),
