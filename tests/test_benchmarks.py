@@ -1,0 +1,91 @@
+"""The scaling and training-throughput benchmark scripts: their helpers on hand-made rows, and (slow) one tiny run
+of each through its own command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import scaling
+import training_throughput
+
+
+def _row(model, side, seconds, peak, part="encoder", batch=1, mode="forward"):
+    return {"model": model, "part": part, "side": side, "batch": batch, "mode": mode, "seconds": seconds,
+            "peak_mib": peak}  # fmt: skip
+
+
+def test_growth_ratios_between_consecutive_sizes():
+    rows = [
+        _row("a", 256, 0.5, 10.0), _row("a", 512, 1.5, 50.0), _row("a", 1024, 7.5, 175.0),
+        _row("b", 256, 2.0, 0.0), _row("b", 512, 4.0, 8.0),
+        {**_row("b", 1024, 0, 0), "error": "out of memory"},  # failed: no ratio to or from it
+        _row("a", 512, 3.0, 20.0, mode="train"), _row("a", 1024, 3.3, 88.0, mode="train"),
+    ]  # fmt: skip
+    for r in rows:
+        if "error" in r:
+            del r["seconds"]
+    got = {(g["model"], g["mode"], g["sides"]): (g["time x"], g["memory x"]) for g in scaling._growth(rows, [1024, 256, 512])}
+    assert got == {
+        ("a", "forward", "256->512"): (pytest.approx(3.0), pytest.approx(5.0)),
+        ("a", "forward", "512->1024"): (pytest.approx(5.0), pytest.approx(3.5)),
+        ("a", "train", "512->1024"): (pytest.approx(1.1), pytest.approx(4.4)),
+        ("b", "forward", "256->512"): (pytest.approx(2.0), None),  # no memory ratio from a 0 MiB start
+    }
+
+
+def test_parse_overrides_and_variants():
+    assert scaling.parse_overrides(["m:depths=[1, 2]", "m:embed_dim=64", "n:mlstm_backend=parallel"]) == {
+        "m": {"depths": [1, 2], "embed_dim": 64},
+        "n": {"mlstm_backend": "parallel"},
+    }
+    with pytest.raises(SystemExit, match="MODEL:KEY=VALUE"):
+        scaling.parse_overrides(["m:depths"])
+    assert training_throughput.split_variant("seglstm_upernet_s/parallel") == (
+        "seglstm_upernet_s",
+        {"mlstm_backend": "parallel"},
+    )
+    assert training_throughput.split_variant("vit_s_upernet") == ("vit_s_upernet", {})
+    with pytest.raises(SystemExit, match="must be one of"):
+        training_throughput.split_variant("seglstm_upernet_s/fast")
+
+
+@pytest.mark.slow  # each configuration is a fresh process importing torch and timm
+def test_scaling_smoke(tmp_path, capsys):
+    out = tmp_path / "scaling.json"
+    code = scaling.main([
+        "--models", "deeplabv3plus_r18", "--parts", "encoder,segmentor", "--sizes", "32", "64", "--batches", "1",
+        "--modes", "train", "--repeats", "1", "--device", "cpu", "--out", str(out),
+    ])  # fmt: skip
+    assert code == 0
+    payload = json.loads(out.read_text())
+    rows = payload["rows"]
+    assert [(r["part"], r["side"]) for r in rows] == [("encoder", 32), ("segmentor", 32), ("encoder", 64), ("segmentor", 64)]
+    for r in rows:
+        assert "error" not in r, r
+        assert r["seconds"] > 0 and r["images_per_s"] == pytest.approx(1 / r["seconds"]) and r["weights_mib"] > 0
+    seg = next(r for r in rows if r["part"] == "segmentor")
+    enc = next(r for r in rows if r["part"] == "encoder")
+    assert seg["weights_mib"] > enc["weights_mib"]  # heads add weights on top of the same backbone
+    assert {g["sides"] for g in payload["growth"]} == {"32->64"}
+    assert "| model" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # a fresh process per model
+def test_training_throughput_smoke(tmp_path):
+    out = tmp_path / "tt.json"
+    code = training_throughput.main([
+        "--models", "deeplabv3plus_r18,pspnet_r18", "--size", "64", "--batch", "2", "--steps", "1", "--warmup", "0",
+        "--device", "cpu", "--model-overrides", "pspnet_r18:no_such_option=1", "--out", str(out),
+    ])  # fmt: skip
+    assert code == 0
+    payload = json.loads(out.read_text())
+    ok, bad = payload["rows"]
+    assert ok["model"] == "deeplabv3plus_r18" and ok["steps_per_s"] == pytest.approx(1 / ok["seconds"])
+    assert ok["images_per_s"] == pytest.approx(2 * ok["steps_per_s"]) and ok["peak_mib"] > 0
+    assert "no_such_option" in bad["error"]  # a failing model is a row with its error
