@@ -6,12 +6,14 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 import yaml
+from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from seglstm.models.registry import list_models, register_model
@@ -111,3 +113,22 @@ def tree_digest(folder: Path) -> dict[str, str]:
         for p in sorted(folder.rglob("*"))
         if p.is_file()
     }
+
+
+class DieOnce(Callback):
+    """Kill this process (``os._exit``) after training step ``step`` on rank ``rank``, on the first attempt
+    only (a torchrun elastic restart has ``TORCHELASTIC_RESTART_COUNT`` > 0)."""
+
+    def __init__(self, step: int = 2, rank: int = 1) -> None:
+        self.step, self.rank = step, rank
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        first_attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) == 0
+        if trainer.global_step == self.step and trainer.global_rank == self.rank and first_attempt:
+            os._exit(17)
+
+
+if __name__ == "__main__":  # `python -m tests.test_reliability_helpers fit ...`: the CLI with rel_tiny_seg
+    from seglstm.cli.main import main
+
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,63 @@
+"""DDP on CPU (gloo): a rank that dies makes the survivor fail after ``trainer.ddp_timeout`` instead of
+hanging, and under torchrun's elastic restart the job resumes from ``last.ckpt`` and finishes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from seglstm.utils.io import torch_load
+from tests.test_reliability_helpers import make_synth, write_config
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _ddp_config(tmp_path: Path, timeout_s: float) -> Path:
+    cfg = write_config(tmp_path / "c.yaml", make_synth(tmp_path / "loveda"), tmp_path / "run", max_steps=4)
+    doc = yaml.safe_load(cfg.read_text())
+    doc["trainer"].update(devices=2, strategy="ddp", ddp_timeout=timeout_s)
+    doc["trainer"]["callbacks"].append({"class_path": "tests.test_reliability_helpers.DieOnce"})
+    cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return cfg
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC", "LOCAL_RANK", "RANK", "WORLD_SIZE"))}
+    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    env["MASTER_PORT"] = str(29500 + os.getpid() % 1000)
+    return env
+
+
+def test_a_dead_rank_makes_the_other_fail_within_the_timeout(tmp_path):
+    cfg = _ddp_config(tmp_path, timeout_s=20)
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.test_reliability_helpers", "fit", "--config", str(cfg),
+         "--allow-class-path", "tests.test_reliability_helpers"],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    assert elapsed < 240, f"rank 0 hung for {elapsed:.0f} s"
+    assert torch_load(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] in (1, 2)
+
+
+def test_torchrun_elastic_restart_resumes_from_last_checkpoint(tmp_path):
+    cfg = _ddp_config(tmp_path, timeout_s=60)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run(
+        [str(torchrun), "--nproc-per-node", "2", "--max-restarts", "1", "--master-port", _env()["MASTER_PORT"],
+         "-m", "tests.test_reliability_helpers", "fit", "--config", str(cfg),
+         "--allow-class-path", "tests.test_reliability_helpers"],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=500,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "resuming from" in proc.stderr and "auto-resume" in proc.stderr
+    assert torch_load(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 4
