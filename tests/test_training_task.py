@@ -262,3 +262,30 @@ def test_bad_settings_name_their_key(tmp_path: Path) -> None:
         SegmentationTask(model="tiny_standin_seg")
     with pytest.raises(ValueError, match=r"model\.num_classes=4 conflicts"):
         _trainer(tmp_path, 1).fit(_task(), datamodule=_DM(num_classes=6))
+
+
+def test_load_segmentor_from_weights_only_checkpoint_and_config(tmp_path: Path) -> None:
+    """A foreign checkpoint (mmseg-style ``state_dict``, no hyper-parameters) is rebuilt from its config."""
+    torch.manual_seed(5)
+    model = TinySeg(7, width=6).eval()
+    ckpt = tmp_path / "foreign.pth"
+    torch.save({"state_dict": model.state_dict(), "meta": {"iter": 15000}}, ckpt)
+    base = tmp_path / "base.yaml"
+    base.write_text("data:\n  dataset: loveda\n  mean: [1.0, 2.0, 3.0]\n  std: [4.0, 5.0, 6.0]\n")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(
+        f"_base_: [{base.name}]\nmodel:\n  model: tiny_standin_seg\n  model_kwargs: {{width: 6}}\n"
+        "  test_cfg: {flip: true}\n"
+    )
+    loaded, meta = load_segmentor(ckpt, cfg)
+    assert meta["classes"][:2] == ["background", "building"] and meta["num_classes"] == 7
+    assert meta["mean"] == [1.0, 2.0, 3.0] and meta["std"] == [4.0, 5.0, 6.0]
+    assert len(meta["palette"]) == 7 and meta["test_cfg"] == {"flip": True}
+    x = torch.randn(1, 3, 12, 12)
+    torch.testing.assert_close(loaded.inference(x, **meta["test_cfg"]), model.inference(x, flip=True))
+    with pytest.raises(ValueError, match="does not record its model"):
+        load_segmentor(ckpt)
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("model:\n  model: tiny_standin_seg\n  model_kwargs: {width: 6}\n")
+    with pytest.raises(ValueError, match="data section"):
+        load_segmentor(ckpt, wrong)
