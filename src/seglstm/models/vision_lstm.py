@@ -17,7 +17,18 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
-from seglstm.models.mlstm import BACKENDS, Backend, KernelChoice, mlstm
+from seglstm.models.mlstm import (
+    BACKENDS,
+    Backend,
+    KernelChoice,
+    chunk_length,
+    chunkwise_feature_major,
+    mlstm,
+    normaliser,
+    scratch,
+    wants_triton,
+    workspace,
+)
 from seglstm.models.registry import register_encoder
 
 __all__ = ["ViLBlock", "ViLLayer", "VisionLSTM", "checkpoint_filter_fn"]
@@ -45,10 +56,34 @@ class MultiHeadGroupNorm(nn.Module):
         self.eps = eps
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        # h: (B, NH, S, DH) as the kernels return it: normalise in that layout (contiguous), then a single
-        # transpose-copy to (B, S, e) that the output projection needs anyway.
+        """(B, NH, S, DH) cell output -> normalised (B, S, e)."""
         h = F.layer_norm(h, (h.shape[-1],), eps=self.eps)
         return h.transpose(1, 2).flatten(-2) * (1.0 + self.weight)
+
+    def normalise_feature_major(
+        self, num: torch.Tensor, nrm: torch.Tensor | None = None, inplace: bool = False
+    ) -> torch.Tensor:
+        """Normalise h = num / nrm given as (B, NH, DH, S), without forming h.
+
+        Layer norm over DH of num / nrm equals (num - mean) / sqrt(var + eps * nrm**2) with mean and var
+        taken over num: the cell's division folds into the norm's per-token scale.
+
+        Args:
+            num: (B, NH, DH, S) numerator (any strides); overwritten when ``inplace``.
+            nrm: (B, NH, 1, S) positive divisor, or None for 1.
+        Returns:
+            (B, NH, DH, S) normalised output times the per-channel weight (1 + stored).
+        """
+        nh, dh = num.shape[1:3]
+        scale = (1.0 + self.weight).view(nh, dh, 1)
+        mean = num.sum(2, keepdim=True).div_(dh)
+        cen = num.sub_(mean) if inplace else num - mean
+        sq = torch.mul(cen, cen, out=scratch("norm.sq", cen.shape, cen)) if inplace else cen * cen
+        var = sq.sum(2, keepdim=True).div_(dh)
+        var = var.add_(self.eps) if nrm is None else torch.addcmul(var, nrm, nrm, value=self.eps)
+        if inplace:
+            return cen.mul_(var.rsqrt_()).mul_(scale)
+        return cen * var.rsqrt() * scale
 
 
 class BlockDiagonalLinear(nn.Module):
@@ -99,7 +134,12 @@ class MLSTMCell(nn.Module):
         nn.init.zeros_(self.outnorm.weight)
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Backend, chunk_size: int,
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        backend: Backend,
+        chunk_size: int,
         kernel: KernelChoice,
     ) -> torch.Tensor:
         """(B, S, e) queries, keys, values -> normalised cell output (B, S, NH, DH)."""
@@ -107,7 +147,9 @@ class MLSTMCell(nn.Module):
         # pre-activations without materialising the (B, S, 3e) concatenation.
         w = torch.cat([self.igate.weight, self.fgate.weight])  # (2 NH, 3e)
         wq, wk, wv = w.chunk(3, dim=1)
-        gates = F.linear(q, wq, torch.cat([self.igate.bias, self.fgate.bias])) + F.linear(k, wk) + F.linear(v, wv)
+        gates = (
+            F.linear(q, wq, torch.cat([self.igate.bias, self.fgate.bias])) + F.linear(k, wk) + F.linear(v, wv)
+        )
         i, f = gates.transpose(1, 2).chunk(2, dim=1)  # (B, NH, S) each
 
         def heads(t: torch.Tensor) -> torch.Tensor:  # (B, S, e) -> (B, NH, S, DH)
@@ -118,7 +160,15 @@ class MLSTMCell(nn.Module):
 
 
 class ViLLayer(nn.Module):
-    """The mLSTM layer of a ViL block (DESIGN.md section 2), scanning in one direction."""
+    """The mLSTM layer of a ViL block (DESIGN.md section 2), scanning in one direction.
+
+    The forward pass computes the same function as the step-by-step description but in a feature-major
+    layout (B, channels, S): the GEMMs then read and write their operands without transposes, the causal
+    convolution runs in PyTorch's native Conv1d layout, the gate pre-activations come from weights folded
+    through the block-diagonal projections (and, for the value path, through ``proj_up``), and with the
+    ``chunkwise`` backend the output norm absorbs the cell's division by its normaliser. Without autograd
+    the elementwise steps run in place.
+    """
 
     def __init__(
         self,
@@ -161,16 +211,155 @@ class ViLLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.reverse:
-            x = x.flip(1)
-        x_m, z = self.proj_up(x).chunk(2, dim=-1)
-        a = F.silu(self.conv1d(x_m))
-        h = self.mlstm_cell(
-            self.q_proj(a), self.k_proj(a), self.v_proj(x_m), self.mlstm_backend, self.chunk_size,
-            self.mlstm_kernel,
-        )
-        h = torch.addcmul(h, self.learnable_skip, a) * F.silu(z)
-        out = self.proj_down(h)
-        return out.flip(1) if self.reverse else out
+            return _flip_tokens(self._scan(_flip_tokens(x, "layer.flip_in")), "layer.flip_out")
+        return self._scan(x)
+
+    def _scan(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer in its own scan order: (B, S, d) -> (B, S, d)."""
+        bsz, seq, _ = x.shape
+        cell = self.mlstm_cell
+        nh, e = cell.num_heads, self.learnable_skip.shape[0]
+        dh = e // nh
+        inplace = not torch.is_grad_enabled()
+        fused = self.mlstm_backend == "chunkwise" and not wants_triton(x, self.mlstm_kernel)
+        chunk = chunk_length(seq, self.chunk_size)
+        pad = (-seq) % chunk if fused else 0
+        if pad:  # exact for the kept tokens: conv and cell are causal
+            x = F.pad(x, (0, 0, 0, pad))
+        sp = x.shape[1]
+
+        # Gates read concat(q, k, v) with q, k, v block-diagonal maps of a and x_m, and x_m = proj_up(x):
+        # fold those maps into the gate weights so the gates cost two skinny GEMMs (on a and on the block
+        # input) and no GEMM reads q, k or v.
+        w_gates = torch.cat([cell.igate.weight, cell.fgate.weight])  # (2 NH, 3e)
+        wq, wk, wv = w_gates.chunk(3, dim=1)
+        w_a = _fold_block_diag(wq, self.q_proj.weight) + _fold_block_diag(wk, self.k_proj.weight)
+        w_x = _fold_block_diag(wv, self.v_proj.weight) @ self.proj_up.weight[:e]
+        x_t = x.transpose(1, 2)
+        up = _left_matmul(self.proj_up.weight, x_t, "layer.up")  # (B, 2e, S)
+        x_m, z = up.chunk(2, dim=1)
+        a = F.silu(_causal_conv(x_m, self.conv1d.conv.weight, self.conv1d.conv.bias), inplace)
+        gate_bias = torch.cat([cell.igate.bias, cell.fgate.bias]).unsqueeze(-1)
+        gates = torch.baddbmm(torch.matmul(w_x, x_t) + gate_bias, w_a.expand(bsz, -1, -1), a)  # (B, 2 NH, S)
+        i, f = gates.chunk(2, dim=1)
+
+        if fused:
+            # q and k only meet in dot products q_t . k_s (intra-chunk scores, and through the states), and
+            # both are block-diagonal maps of a: q_t . k_s = a_t . (Wq^T Wk a_s) blockwise. So the kernel gets
+            # q = a and k = (scaled Wq^T Wk) a, one projection instead of two.
+            w_qk = torch.matmul(self.q_proj.weight.transpose(1, 2), self.k_proj.weight) * dh**-0.5
+            k = _block_diag_matmul(w_qk, a, "layer.k").view(bsz, nh, dh, sp)
+            v1 = _values_with_ones(self.v_proj.weight, x_m, nh)
+            out, m = chunkwise_feature_major(a.view(bsz, nh, dh, sp), k, v1, i, f, chunk_size=chunk)
+            num, den = out.split([dh, 1], dim=2)
+            nrm = normaliser(den, m.unsqueeze(2), eps=1e-6)
+        else:
+            q = _block_diag_matmul(self.q_proj.weight, a, "layer.q").view(bsz, nh, dh, sp)
+            k = _block_diag_matmul(self.k_proj.weight, a, "layer.k").view(bsz, nh, dh, sp)
+            v = _block_diag_matmul(self.v_proj.weight, x_m, "layer.v").view(bsz, nh, dh, sp)
+            h = mlstm(
+                q.transpose(2, 3),
+                k.transpose(2, 3),
+                v.transpose(2, 3),
+                i,
+                f,
+                backend=self.mlstm_backend,
+                chunk_size=self.chunk_size,
+                kernel=self.mlstm_kernel,
+            )
+            num, nrm = h.transpose(2, 3), None
+        h = cell.outnorm.normalise_feature_major(num, nrm, inplace=inplace)
+        h = _skip_and_gate(h, a.view(bsz, nh, dh, sp), z.view(bsz, nh, dh, sp), self.learnable_skip, inplace)
+        out = _heads_matmul(h, self.proj_down.weight, "layer.down")  # (B, S, d)
+        return out[:, :seq] if pad else out
+
+
+def _flip_tokens(x: torch.Tensor, key: str) -> torch.Tensor:
+    """x.flip(1), into a scratch buffer without autograd."""
+    if torch.is_grad_enabled():
+        return x.flip(1)
+    rev = torch.arange(x.shape[1] - 1, -1, -1, device=x.device)
+    return torch.index_select(x, 1, rev, out=scratch(key, x.shape, x))
+
+
+def _causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Depthwise causal convolution of feature-major x (B, C, S) with a (C, 1, K) kernel."""
+    taps = weight.shape[-1]
+    if torch.is_grad_enabled():
+        return F.conv1d(x, weight, bias, padding=taps - 1, groups=x.shape[1])[..., : x.shape[-1]]
+    # Shifted multiply-adds into a scratch buffer: as fast as Conv1d here, without a fresh output.
+    w = weight[:, 0]
+    out = torch.addcmul(bias[:, None], x, w[:, -1:], out=scratch("layer.conv", x.shape, x))
+    for shift in range(1, min(taps, x.shape[-1])):
+        out[..., shift:].addcmul_(x[..., :-shift], w[:, taps - 1 - shift : taps - shift])
+    return out
+
+
+def _block_diag_matmul(weight: torch.Tensor, x: torch.Tensor, key: str) -> torch.Tensor:
+    """Block-diagonal map of feature-major x: (B, e, S) -> (B, e, S), as one bmm over the blocks (memory
+    bound; merging blocks into larger zero-padded ones was measured slower)."""
+    nb, bs, _ = weight.shape
+    if torch.is_grad_enabled():
+        return torch.matmul(weight, x.unflatten(1, (nb, bs))).flatten(1, 2)
+    out = scratch(key, x.shape, x)
+    for b in range(x.shape[0]):
+        torch.bmm(weight, x[b].view(nb, bs, -1), out=out[b].view(nb, bs, -1))
+    return out
+
+
+def _values_with_ones(weight: torch.Tensor, x_m: torch.Tensor, nh: int) -> torch.Tensor:
+    """v = block-diagonal map of x_m as (B, NH, DH + 1, S) with a row of ones under each head's values."""
+    bsz, e, seq = x_m.shape
+    dh = e // nh
+    bs = weight.shape[1]
+    if torch.is_grad_enabled() or dh % bs:
+        v = _block_diag_matmul(weight, x_m, "layer.v").view(bsz, nh, dh, seq)
+        return torch.cat([v, v.new_ones(bsz, nh, 1, seq)], 2)
+    w = weight.view(nh, dh // bs, bs, bs)
+    v1 = scratch("layer.v1", (bsz, nh, dh + 1, seq), x_m)
+    v1[:, :, dh].fill_(1.0)
+    for b in range(bsz):
+        xb = x_m[b].view(nh, dh // bs, bs, seq)
+        for h in range(nh):
+            torch.bmm(w[h], xb[h], out=v1[b, h, :dh].view(dh // bs, bs, seq))
+    return v1
+
+
+def _fold_block_diag(w_gate: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Gate weight (G, e) applied after a block-diagonal map -> the equivalent weight on the map's input."""
+    nb, bs, _ = weight.shape
+    return torch.einsum("gbo,boi->gbi", w_gate.reshape(-1, nb, bs), weight).reshape(w_gate.shape[0], -1)
+
+
+def _left_matmul(weight: torch.Tensor, x: torch.Tensor, key: str) -> torch.Tensor:
+    """weight (P, K) @ x (B, K, S) -> (B, P, S) contiguous (torch.matmul would return a transposed view)."""
+    w = weight.expand(x.shape[0], -1, -1)
+    if torch.is_grad_enabled():
+        return torch.bmm(w, x)
+    return torch.bmm(w, x, out=scratch(key, (x.shape[0], weight.shape[0], x.shape[2]), x))
+
+
+def _heads_matmul(h: torch.Tensor, weight: torch.Tensor, key: str) -> torch.Tensor:
+    """Output projection of per-head feature-major h (B, NH, DH, S) -> (B, S, d), one GEMM per head (h may be
+    a view with gaps between heads)."""
+    bsz, nh, dh, seq = h.shape
+    if torch.is_grad_enabled():  # h is a fresh contiguous tensor here
+        return torch.bmm(h.reshape(bsz, nh * dh, seq).transpose(1, 2), weight.t().expand(bsz, -1, -1))
+    parts = [weight[:, j * dh : (j + 1) * dh].t().expand(bsz, -1, -1) for j in range(nh)]
+    out = torch.bmm(h[:, 0].transpose(1, 2), parts[0], out=scratch(key, (bsz, seq, weight.shape[0]), h))
+    for j in range(1, nh):
+        out.baddbmm_(h[:, j].transpose(1, 2), parts[j])
+    return out
+
+
+def _skip_and_gate(
+    h: torch.Tensor, a: torch.Tensor, z: torch.Tensor, skip: torch.Tensor, inplace: bool
+) -> torch.Tensor:
+    """(h + skip * a) * silu(z) on (B, NH, DH, S) views."""
+    skip = skip.view(*h.shape[1:3], 1)
+    if inplace:
+        return h.addcmul_(a, skip).mul_(F.silu(z, inplace=True))
+    return torch.addcmul(h, a, skip) * F.silu(z)
 
 
 class ViLBlock(nn.Module):
@@ -271,8 +460,13 @@ class VisionLSTM(nn.Module):
         else:
             rates = [drop_path_rate] * total
         layer_kwargs = dict(
-            expansion=expansion, qkv_block_size=qkv_block_size, conv_kernel_size=conv_kernel_size,
-            num_heads=num_heads, mlstm_backend=mlstm_backend, chunk_size=chunk_size, mlstm_kernel=mlstm_kernel,
+            expansion=expansion,
+            qkv_block_size=qkv_block_size,
+            conv_kernel_size=conv_kernel_size,
+            num_heads=num_heads,
+            mlstm_backend=mlstm_backend,
+            chunk_size=chunk_size,
+            mlstm_kernel=mlstm_kernel,
         )
         start = 0
         for s, depth in enumerate(self.depths):
@@ -283,7 +477,8 @@ class VisionLSTM(nn.Module):
             self.add_module(f"blocks{s + 1}", blocks)
             start += depth
         self.feature_info = [
-            dict(num_chs=embed_dim, reduction=patch_size, module=f"blocks{s + 1}") for s in range(len(self.depths))
+            dict(num_chs=embed_dim, reduction=patch_size, module=f"blocks{s + 1}")
+            for s in range(len(self.depths))
         ]
 
     @property
@@ -318,10 +513,19 @@ class VisionLSTM(nn.Module):
         b, hp, wp, c = x.shape
         x = x.reshape(b, hp * wp, c)
         outs = []
-        for stage in self.stages:
-            for block in stage:
-                x = block(x)
-            outs.append(x.view(b, hp, wp, c))
+        if torch.is_grad_enabled() or self.training:
+            for stage in self.stages:
+                for block in stage:
+                    x = block(x)
+                outs.append(x.view(b, hp, wp, c))
+            return outs
+        # Inference: layers share scratch buffers, and residual sums after a stage's first block go in place
+        # (the first one must not overwrite the previous stage's output).
+        with workspace():
+            for stage in self.stages:
+                for j, block in enumerate(stage):
+                    x = x.add_(block.layer(block.norm(x))) if j else block(x)
+                outs.append(x.view(b, hp, wp, c))
         return outs
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -349,7 +553,9 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: VisionLSTM)
             key = f"blocks{s + 1}.{j}.{rest}"
         out[key] = value
     if "pos_embed.embed" in out:
-        out["pos_embed.embed"] = resample_pos_embed(out["pos_embed.embed"], tuple(model.pos_embed.embed.shape[1:3]))
+        out["pos_embed.embed"] = resample_pos_embed(
+            out["pos_embed.embed"], tuple(model.pos_embed.embed.shape[1:3])
+        )
     return out
 
 
