@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.seglstm-installed
 QUICK ?=
 
-.PHONY: setup test test-fast demo lint clean
+.PHONY: setup test test-slow test-all demo lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -13,11 +13,16 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# The suite a developer runs (well under 20 minutes on a 2-core CPU, install included).
 test: setup
-	$(PY) -m pytest
-
-test-fast: setup
 	$(PY) -m pytest -m "not slow"
+
+# Model-scale checks (full-size presets, elastic restarts, load runs); CI runs them after `make test`.
+test-slow: setup
+	$(PY) -m pytest -m slow
+
+test-all: setup
+	$(PY) -m pytest
 
 demo: setup
 	$(VENV)/bin/seglstm demo $(if $(QUICK),--quick,)
