@@ -289,3 +289,13 @@ def test_load_segmentor_from_weights_only_checkpoint_and_config(tmp_path: Path) 
     wrong.write_text("model:\n  model: tiny_standin_seg\n  model_kwargs: {width: 6}\n")
     with pytest.raises(ValueError, match="data section"):
         load_segmentor(ckpt, wrong)
+
+
+def test_compile_keeps_parameter_names() -> None:
+    """compile=True wraps the parts in place (compiled lazily), so checkpoints keep their key names."""
+    plain = SegmentationTask(model="tiny_standin_seg", num_classes=K)
+    compiled = SegmentationTask(model="tiny_standin_seg", num_classes=K, compile=True)
+    assert list(compiled.state_dict()) == list(plain.state_dict())
+    assert compiled.model.backbone._compiled_call_impl is not None
+    assert compiled.model.decode_head._compiled_call_impl is not None
+    assert plain.model.backbone._compiled_call_impl is None
