@@ -154,7 +154,7 @@ def test_budget_callback_fits_the_schedule_to_the_time(monkeypatch):
     cb = cmp.BudgetCallback(None, 60.0, 0.1, torch.device("cpu"), measure.memory_baseline(torch.device("cpu")))
     cb.on_train_start(trainer, None)
     _steps(cb, trainer, clock, [5.0] + [2.0] * 100, batch=2)
-    # probe: steps 2..3 take 2 s each; 9 s used at step 3 -> 3 + (60 - 9) // 2 = 28 planned steps
+    # probe: step 2 takes 2 s; 7 s used at step 2 -> 2 + (60 - 7) // 2 = 28 planned steps
     assert cb.planned == 28
     schedule = trainer.lr_scheduler_configs[0].scheduler.lr_lambdas[0]
     assert (schedule.max_iters, schedule.warmup_iters) == (28, 3)
@@ -175,7 +175,7 @@ def test_budget_callback_hard_stop_when_steps_slow_down(monkeypatch):
     cb = cmp.BudgetCallback(None, 30.0, 0.0, torch.device("cpu"), 0.0)
     cb.on_train_start(trainer, None)
     _steps(cb, trainer, clock, [1.0, 1.0, 1.0] + [5.0] * 100, batch=1)
-    assert cb.planned == 3 + 27  # planned at 1 s per step
+    assert cb.planned == 2 + 28  # planned at 1 s per step, 2 s used
     assert cb.stop_reason == "time" and trainer.global_step == 3 + 6  # 3 s + 6 x 5 s >= 30 s
     assert clock.now == pytest.approx(33.0)
 
@@ -323,17 +323,17 @@ def tiny_study(tmp_path_factory):
         "trainer": {"max_steps": 100},
     }))  # fmt: skip
     out = root / "out"
-    code = compare_main([
+    args = [
         "--models", "seglstm_upernet_t,deeplabv3plus_r18,pspnet_r18", "--data", str(cfg), "--budget", "2",
         "--model-overrides", "seglstm_upernet_t:channels=32", "pspnet_r18:no_such_option=1",
         "--sizes", "64", "--flops-size", "64", "--repeats", "1", "--out", str(out), "--quiet",
-    ])  # fmt: skip
-    return code, out, cfg
+    ]  # fmt: skip
+    return compare_main(args), out, cfg, args
 
 
 @pytest.mark.slow  # a few minutes on the shared 2-core CPU (Lightning fit/test in child processes)
 def test_compare_end_to_end_writes_every_file(tiny_study):
-    code, out, _ = tiny_study
+    code, out, _, _ = tiny_study
     assert code == 1  # one model failed, and the exit status says so
     for name in ("compare.md", "compare.json", "compare.csv", "miou_vs_time.png", "time_vs_size.png"):
         assert (out / name).stat().st_size > 0, name
@@ -369,7 +369,7 @@ def test_compare_end_to_end_writes_every_file(tiny_study):
 
 @pytest.mark.slow  # a few minutes on the shared 2-core CPU (Lightning fit/test in child processes)
 def test_compare_evaluates_a_checkpoint_to_the_same_metrics(tiny_study, tmp_path):
-    _, out, cfg = tiny_study
+    _, out, cfg, _ = tiny_study
     ckpt = out / "deeplabv3plus_r18" / "checkpoints" / "last.ckpt"
     trained = json.loads((out / "deeplabv3plus_r18" / "result.json").read_text())
     code = compare_main([
@@ -381,6 +381,19 @@ def test_compare_evaluates_a_checkpoint_to_the_same_metrics(tiny_study, tmp_path
     assert res["run"]["mode"] == "evaluate"
     assert res["run"]["metrics"] == trained["run"]["metrics"]
     assert res["train_speed"]["source"] == "timed steps on random data"
+
+
+@pytest.mark.slow
+def test_compare_reuse_keeps_finished_models(tiny_study, capsys):
+    _, out, _, args = tiny_study
+    finished = ("seglstm_upernet_t", "deeplabv3plus_r18")
+    before = {m: (out / m / "result.json").read_text() for m in finished}
+    started = time.perf_counter()
+    assert compare_main([*args, "--reuse"]) == 1  # the failed model is tried again, and fails again
+    assert time.perf_counter() - started < 60  # nothing trained or timed again
+    assert {m: (out / m / "result.json").read_text() for m in finished} == before
+    printed = capsys.readouterr().out
+    assert all(f"compare: {m}: reusing" in printed for m in finished)
 
 
 def test_compare_cli_errors_are_clear(tmp_path, capsys):

@@ -298,8 +298,11 @@ def _synthetic_note(root: Path) -> str | None:
 class BudgetCallback(Callback):
     """Stops training at the budget, lays the schedule over a time budget, and measures training speed.
 
-    Training throughput counts images from the end of step ``skip`` to the end of the last step (the first
-    steps pay one-off costs); peak memory covers the whole ``fit``.
+    With a time budget, the step time between the end of step ``skip`` and the end of step ``probe_steps``
+    decides how many steps fit in the rest of the time; the warm-up/poly schedule is then stretched over
+    exactly that many steps (until then it runs the warm-up's first, near-zero rates). Training throughput
+    counts images from the end of step ``skip`` to the end of the last step (the first steps pay one-off
+    costs); peak memory covers the whole ``fit``.
     """
 
     def __init__(
@@ -309,7 +312,7 @@ class BudgetCallback(Callback):
         warmup_fraction: float,
         device: torch.device,
         baseline: float,
-        probe_steps: int = 3,
+        probe_steps: int = 2,
         skip: int = 1,
     ) -> None:
         super().__init__()
