@@ -19,11 +19,13 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def _ddp_config(tmp_path: Path, timeout_s: float) -> Path:
+def _ddp_config(tmp_path: Path, timeout_s: float, hang: bool = False) -> Path:
     cfg = write_config(tmp_path / "c.yaml", make_synth(tmp_path / "loveda"), tmp_path / "run", max_steps=4)
     doc = yaml.safe_load(cfg.read_text())
     doc["trainer"].update(devices=2, strategy="ddp", ddp_timeout=timeout_s)
-    doc["trainer"]["callbacks"].append({"class_path": "tests.test_reliability_helpers.DieOnce"})
+    doc["trainer"]["callbacks"].append(
+        {"class_path": "tests.test_reliability_helpers.DieOnce", "init_args": {"hang": hang}}
+    )
     cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
     return cfg
 
@@ -35,7 +37,8 @@ def _env() -> dict[str, str]:
     return env
 
 
-def test_a_dead_rank_makes_the_other_fail_within_the_timeout(tmp_path):
+def test_a_dead_rank_makes_the_other_fail_instead_of_hanging(tmp_path):
+    """A rank that exits closes its gloo connection, and the survivor fails with an error."""
     cfg = _ddp_config(tmp_path, timeout_s=20)
     start = time.monotonic()
     proc = subprocess.run(
@@ -46,6 +49,7 @@ def test_a_dead_rank_makes_the_other_fail_within_the_timeout(tmp_path):
     elapsed = time.monotonic() - start
     assert proc.returncode != 0, proc.stderr[-3000:]
     assert elapsed < 240, f"rank 0 hung for {elapsed:.0f} s"
+    assert "Connection closed by peer" in proc.stderr, proc.stderr[-3000:]
     assert torch_load(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] in (1, 2)
 
 

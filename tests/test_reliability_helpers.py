@@ -116,8 +116,8 @@ def tree_digest(folder: Path) -> dict[str, str]:
 
 
 class DieOnce(Callback):
-    """Kill this process (``os._exit``) after training step ``step`` on rank ``rank``, on the first attempt
-    only (a torchrun elastic restart has ``TORCHELASTIC_RESTART_COUNT`` > 0)."""
+    """Exit at once (``os._exit``) after training step ``step`` on rank ``rank``, on the first attempt only (a
+    torchrun elastic restart has ``TORCHELASTIC_RESTART_COUNT`` > 0)."""
 
     def __init__(self, step: int = 2, rank: int = 1) -> None:
         self.step, self.rank = step, rank
