@@ -303,8 +303,8 @@ def render(rows: list[str]) -> str:
         "`--auto-resume`, `SEGLSTM_AUTO_RESUME=1` or a torchrun elastic restart continue from it;",
         "- every run folder is probed for writability and free space (one more checkpoint) before the first step;",
         "- a data item that fails in a DataLoader worker names its file and index;",
-        "- DDP collectives time out after `trainer.ddp_timeout` seconds (default 1800), so a dead rank makes the "
-        "others fail instead of hang.",
+        "- DDP: a rank that exits makes the others fail with an error (tested on CPU with gloo); collectives "
+        "are given `trainer.ddp_timeout` seconds (default 1800) before they fail.",
         "",
         "| # | area | bad input | what the user sees | outputs |",
         "|---|------|-----------|--------------------|---------|",
