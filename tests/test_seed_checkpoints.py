@@ -13,7 +13,7 @@ import torch
 from seglstm.models import seglstm as _presets  # noqa: F401  (registers the seglstm_* presets)
 from seglstm.models.registry import create_model
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "seed_checkpoint_keys.json"
+REFERENCE = Path(__file__).resolve().parent / "fixtures" / "seed_checkpoint_keys.json"  # copy of shared/reference
 SEED = json.loads(REFERENCE.read_text())["presets"]
 
 

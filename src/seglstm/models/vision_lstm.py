@@ -563,9 +563,10 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: VisionLSTM)
 # presets
 
 
-def _create_vil(embed_dim: int, depths: tuple[int, ...], **overrides: Any) -> VisionLSTM:
+def _create_vil(default_dim: int, default_depths: tuple[int, ...], **overrides: Any) -> VisionLSTM:
+    # Preset values are defaults: a user's embed_dim / depths override them instead of colliding.
     pretrained = overrides.pop("pretrained", None)
-    kwargs: dict[str, Any] = dict(embed_dim=embed_dim, depths=depths)
+    kwargs: dict[str, Any] = dict(embed_dim=default_dim, depths=default_depths)
     kwargs.update(overrides)
     model = VisionLSTM(**kwargs)
     if pretrained:
