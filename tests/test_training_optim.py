@@ -171,3 +171,18 @@ def test_adamw_step_applies_decoupled_decay_only_to_the_decay_group() -> None:
         decay = 0.0 if any(k in n for k in NO_DECAY_KEYS) else wd
         expected = before[n] * (1 - lr * decay) - lr * m_hat / (v_hat.sqrt() + 1e-8)
         torch.testing.assert_close(p.detach().double(), expected, rtol=1e-6, atol=1e-9, msg=n)
+
+
+def test_model_no_weight_decay_names_are_exempt():
+    import seglstm
+    from seglstm.training.optim import param_groups
+
+    model = seglstm.create_model("mamba_upernet", num_classes=3, dims=(16, 32, 64, 128), depths=(1, 1, 1, 1),
+                                 channels=32)
+    exempt = model.no_weight_decay()
+    assert any("A_log" in n for n in exempt)
+    groups = param_groups(model, 0.01)
+    no_decay = {n for g in groups if g["weight_decay"] == 0.0 for n, _ in g["params"]}
+    decay = {n for g in groups if g["weight_decay"] > 0.0 for n, _ in g["params"]}
+    assert exempt <= no_decay and not exempt & decay
+    assert any(n.startswith("decode_head.") and n.endswith("conv.weight") for n in decay)

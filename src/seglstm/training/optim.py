@@ -4,7 +4,8 @@ Parameter groups follow mmengine's ``paramwise_cfg.custom_keys`` with ``decay_mu
 ``cls_token`` and ``norm``: a parameter whose full name *contains* one of the keys gets no weight decay.
 Nothing else is exempt, as in the seed: biases and the decode heads' BatchNorm parameters (named ``bn``, not
 ``norm``) keep weight decay 0.01, while every ViL block ``norm``/``outnorm`` weight and the position table
-do not.
+do not. Parameters a model lists in ``no_weight_decay()`` (timm's convention: Mamba's ``A_logs``/``Ds``,
+Swin's relative position tables) are exempt too, as those encoders' own recipes have it.
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ def param_groups(
     strings: checkpoints stay ``weights_only``-loadable) and the split stays inspectable; empty groups are
     left out.
     """
+    exempt = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     decay: list[tuple[str, nn.Parameter]] = []
     no_decay: list[tuple[str, nn.Parameter]] = []
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if any(key in name for key in no_decay_keys) else decay).append((name, param))
+            skip = name in exempt or any(key in name for key in no_decay_keys)
+            (no_decay if skip else decay).append((name, param))
     groups = [
         g
         for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
