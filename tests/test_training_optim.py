@@ -46,9 +46,9 @@ def test_schedule_matches_mmengine_recursion(max_iters, warmup, ratio, power, et
     opt = build_adamw(model, lr=base)
     sched = build_warmup_poly(opt, max_iters, warmup, ratio, power, eta_min)
     got = []
+    opt.step()  # no gradients: a no-op that only tells LambdaLR the optimizer has stepped
     for _ in range(max_iters + 3):  # Lightning: lr used at iteration t, then scheduler.step()
         got.append(opt.param_groups[0]["lr"])
-        opt.step()
         sched.step()
     ref = _mmengine_chain(base, max_iters, warmup, ratio, power, eta_min)
     torch.testing.assert_close(
