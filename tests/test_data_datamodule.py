@@ -193,9 +193,13 @@ def test_check_data_cli(tmp_path: Path, synthetic: Path, capsys: pytest.CaptureF
     assert "is not a directory" in capsys.readouterr().err
 
 
-def test_check_data_composes_base_configs(tmp_path: Path, synthetic: Path, capsys: pytest.CaptureFixture) -> None:
+def test_check_data_composes_base_configs(
+    tmp_path: Path, synthetic: Path, capsys: pytest.CaptureFixture
+) -> None:
     (tmp_path / "_base_").mkdir()
-    (tmp_path / "_base_" / "data.yaml").write_text(yaml.safe_dump({"data": {"root": "/nowhere", "num_workers": 0}}))
+    (tmp_path / "_base_" / "data.yaml").write_text(
+        yaml.safe_dump({"data": {"root": "/nowhere", "num_workers": 0}})
+    )
     top = tmp_path / "top.yaml"
     top.write_text(yaml.safe_dump({"_base_": ["_base_/data.yaml"], "data": {"root": str(synthetic)}}))
     assert check_data_cli([str(top), "--split", "val", "--quiet"]) == 0
@@ -211,3 +215,36 @@ def test_check_data_predict_root(tmp_path: Path, synthetic: Path, capsys: pytest
     captured = capsys.readouterr()
     assert "1/2 images readable" in captured.out and "b.png" in captured.err
     assert json.loads((synthetic / "meta.json").read_text())["counts"]["train"] == 6
+
+
+@pytest.mark.filterwarnings("ignore:.*(no `validation_step`|does not have many workers).*")
+def test_lightning_sets_the_epoch_of_the_train_sampler(synthetic: Path) -> None:
+    import lightning as L
+
+    class Probe(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+            self.seen: dict[int, dict[str, torch.Tensor]] = {}
+
+        def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+            for path, image in zip(batch["path"], batch["image"]):
+                self.seen.setdefault(self.current_epoch, {})[path] = image.clone()
+            return (self.weight * batch["image"].mean()).sum()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    probe = Probe()
+    trainer = L.Trainer(
+        max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(probe, datamodule=small(synthetic, seed=2))
+    first, second = probe.seen[0], probe.seen[1]
+    assert len(first) == len(second) == 6
+    assert all(not torch.equal(first[p], second[p]) for p in first)  # new crops and colours each epoch
+    # and epoch 1 is exactly what the dataset gives for key (1, index)
+    ds = small(synthetic, seed=2).build_split("train", train=True)
+    index = [str(f[0]) for f in ds.files].index(next(iter(second)))
+    assert torch.equal(ds[(1, index)]["image"], second[next(iter(second))])

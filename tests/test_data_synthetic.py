@@ -50,7 +50,7 @@ def test_scenes_are_pure_functions_of_seed_split_index() -> None:
 
 @pytest.fixture(scope="module")
 def scenes() -> list[tuple[np.ndarray, np.ndarray, str]]:
-    return [render_scene(0, "train", i, 96) for i in range(40)]
+    return [render_scene(0, "train", i, 256) for i in range(40)]
 
 
 def test_every_class_present(scenes: list) -> None:

@@ -97,7 +97,9 @@ def check_dataset(dataset: SegDataset, num_workers: int = 0, progress: bool = Tr
     band_sq: np.ndarray | None = None
     pixels = 0
     loader = DataLoader(_Stats(dataset), batch_size=None, num_workers=num_workers, collate_fn=_unbatched)
-    for index, stats in enumerate(tqdm(loader, total=len(dataset), desc=f"check {report.split}", disable=not progress)):
+    for index, stats in enumerate(
+        tqdm(loader, total=len(dataset), desc=f"check {report.split}", disable=not progress)
+    ):
         if "error" in stats:
             report.problems.append(stats["error"])
             continue

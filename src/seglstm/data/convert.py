@@ -80,7 +80,8 @@ class ConvertReport:
 
     def summary(self) -> str:
         lines = [
-            f"{split}: {len(self.tiles[split])} tiles -> {self.patches[split]} patches" for split in ("train", "val")
+            f"{split}: {len(self.tiles[split])} tiles -> {self.patches[split]} patches"
+            for split in ("train", "val")
         ]
         if self.skipped:
             lines.append(f"not used ({len(self.skipped)}): " + "; ".join(self.skipped[:10]))
@@ -148,7 +149,9 @@ def _classify(dataset: str, src: _Source, bands: str, eroded: bool) -> tuple[str
             return f"{m.group(1)}_{m.group(2)}", "image"
         if m := _POTSDAM_LABEL.match(src.name):
             if bool(m.group(3)) != eroded:
-                return f"{src.where} ({'eroded' if m.group(3) else 'full'} labels; converting {_kind(eroded)})"
+                return (
+                    f"{src.where} ({'eroded' if m.group(3) else 'full'} labels; converting {_kind(eroded)})"
+                )
             return f"{m.group(1)}_{m.group(2)}", "label"
         return f"{src.where} (not a Potsdam tile or label name)"
     if m := _VAIHINGEN_ERODED.match(src.name):
@@ -231,7 +234,9 @@ def convert_isprs(
     out = Path(out)
     existing = [d for d in (out / "img_dir", out / "ann_dir") if d.exists() and any(d.rglob("*.png"))]
     if existing and not overwrite:
-        raise FileExistsError(f"{existing[0]} already holds patches; pass overwrite=True (--overwrite) to replace")
+        raise FileExistsError(
+            f"{existing[0]} already holds patches; pass overwrite=True (--overwrite) to replace"
+        )
     report = ConvertReport()
     tiles: dict[str, dict[str, _Source]] = {}
     for src in _discover(sources):
@@ -250,7 +255,9 @@ def convert_isprs(
         del tiles[tile]
     no_label = sorted(t for t, kinds in tiles.items() if "image" in kinds and "label" not in kinds)
     if no_label:
-        raise DataError(f"no {_kind(eroded)} label for tile(s) {', '.join(no_label)}; pass the label archive too")
+        raise DataError(
+            f"no {_kind(eroded)} label for tile(s) {', '.join(no_label)}; pass the label archive too"
+        )
     for tile in sorted(t for t, kinds in tiles.items() if "image" not in kinds):
         report.skipped.append(f"{tiles[tile]['label'].where} (label without an image tile)")
         del tiles[tile]
@@ -258,7 +265,9 @@ def convert_isprs(
         raise DataError(f"no {dataset} tiles found in {', '.join(map(str, sources))}")
     missing = sorted(set(known) - set(tiles))
     if missing:
-        warnings.warn(f"{dataset}: {len(missing)} of mmseg's tiles are missing: {', '.join(missing)}", stacklevel=2)
+        warnings.warn(
+            f"{dataset}: {len(missing)} of mmseg's tiles are missing: {', '.join(missing)}", stacklevel=2
+        )
     if overwrite:
         for d in existing:
             shutil.rmtree(d)

@@ -95,7 +95,11 @@ class SegDataModule(L.LightningDataModule):
         self.dataset = dataset.lower()
         self.root = Path(root)
         if not self.root.is_dir():
-            hint = f" (for the synthetic stand-in run `seglstm synth --out {root}`)" if self.dataset == "loveda" else ""
+            hint = (
+                f" (for the synthetic stand-in run `seglstm synth --out {root}`)"
+                if self.dataset == "loveda"
+                else ""
+            )
             raise DatasetNotFoundError(f"root={root!r} is not a directory{hint}")
         for name, value, low in (
             ("batch_size", batch_size, 1),

@@ -27,6 +27,9 @@ from PIL import Image, ImageDraw, ImageFilter
 from seglstm.data.io import FILE_MODE, write_png, write_text
 
 GENERATOR_VERSION = 1
+PIXEL_SCALE = 1.25
+"""Object size in pixels relative to the 512-pixel design (about 0.6 m per pixel). It does not change with
+the image size: ``size`` sets the extent of a scene, so smaller images show fewer, not smaller, objects."""
 NODATA, BACKGROUND, BUILDING, ROAD, WATER, BARREN, FOREST, AGRICULTURE = range(8)
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 _PNG_LEVEL = 1  # fast; noisy aerial pixels barely compress at higher levels
@@ -69,7 +72,8 @@ class _Scene:
 
     def __init__(self, size: int, rng: np.random.Generator, urban: bool) -> None:
         self.n = size
-        self.s = size / 512.0
+        self.s = PIXEL_SCALE  # length factor of objects
+        self.e = size / 512.0  # extent factor: counts of features across the image
         self.rng = rng
         self.urban = urban
         self.img = np.zeros((size, size, 3), dtype=np.float32)
@@ -159,8 +163,9 @@ class _Scene:
         return rgb * (1 + tint) if tint is not None else rgb
 
     def texture(self, mask: np.ndarray, mottle: float, cells: float, grain: float) -> np.ndarray:
-        """Brightness factors at ``mask``'s pixels: low-frequency mottling plus per-pixel grain."""
-        return 1 + mottle * self.mottle(cells)[mask] + grain * self.grain(1.0)[mask]
+        """Brightness factors at ``mask``'s pixels: mottling with ``cells`` features per 512 pixels, plus
+        per-pixel grain."""
+        return 1 + mottle * self.mottle(cells * self.e)[mask] + grain * self.grain(1.0)[mask]
 
     def paint(self, mask: np.ndarray, rgb: np.ndarray, shade: np.ndarray | float, label: int) -> None:
         """Set ``mask``'s pixels to colour ``rgb`` (3,) times ``shade`` (per masked pixel) and its label."""
@@ -186,7 +191,7 @@ class _Scene:
         rng = self.rng
         if self.urban:
             # patchwork of lawns, paving and bare ground: Voronoi cells with their own material
-            k = int(rng.integers(10, 20))
+            k = max(3, int(rng.integers(10, 20) * self.e**2))
             half = self.n // 2
             seeds = rng.uniform(0, half, (k, 2)).astype(np.float32)
             yy, xx = np.mgrid[0:half, 0:half].astype(np.float32)
@@ -210,11 +215,11 @@ class _Scene:
         else:
             a = self.colour((100, 112, 74), 0.06, self.veg_tint)
             b = self.colour((122, 116, 84), 0.06, self.soil_tint)
-            t = np.clip(0.5 + 0.35 * self.fbm(4 * self.s + 2, 4), 0, 1)[..., None]
+            t = np.clip(0.5 + 0.35 * self.fbm(6 * self.e, 4), 0, 1)[..., None]
             base = (a * (1 - t) + b * t).astype(np.float32)
-        mod = 1 + 0.08 * self.mottle(24) + 0.04 * self._white
+        mod = 1 + 0.08 * self.mottle(24 * self.e) + 0.04 * self._white
         self.img[:] = base * mod[..., None]
-        shrubs = (self.noise(self.n / (5 * self.s + 1)) > 0.8) & (self.noise(6) > 0.55)
+        shrubs = (self.noise(self.n / (5 * self.s + 1)) > 0.8) & (self.noise(6 * self.e) > 0.55)
         self.img[shrubs] *= 0.8  # scattered shrubs stay background
         self.lab[:] = BACKGROUND
 
@@ -227,11 +232,11 @@ class _Scene:
         shade[self.grain(1.0)[mask] > 1.5] *= self.rng.uniform(0.75, 1.15)
         angle = self.rng.uniform(0, math.pi)
         along = self.xx[mask] * math.cos(angle) + self.yy[mask] * math.sin(angle)
-        shade[(np.sin(along / (9 * self.s + 1)) > 0.97) & (self.mottle(5)[mask] > 0.3)] *= 0.9
+        shade[(np.sin(along / (9 * self.s + 1)) > 0.97) & (self.mottle(5 * self.e)[mask] > 0.3)] *= 0.9
         self.paint(mask, rgb, shade, BARREN)
 
     def barren_patches(self, amount: float) -> None:
-        self.barren(self.top(self.fbm(3 + 3 * self.rng.random(), 4), amount))
+        self.barren(self.top(self.fbm((3 + 3 * self.rng.random()) * self.e, 4), amount))
 
     def forest(self, mask: np.ndarray) -> None:
         """Canopy: crown-sized bumps lit from the side opposite the shadows, dark gaps between crowns."""
@@ -246,7 +251,7 @@ class _Scene:
         self.paint(mask, self.colour((52, 74, 40), 0.12, self.veg_tint), shade, FOREST)
 
     def forest_patches(self, amount: float) -> None:
-        self.forest(self.top(self.fbm(2.5 + 2 * self.rng.random(), 5, 0.55), amount))
+        self.forest(self.top(self.fbm((2.5 + 2 * self.rng.random()) * self.e, 5, 0.55), amount))
 
     def water(self, mask: np.ndarray) -> None:
         """Still water: darker with depth (distance from the shore), faint ripples, a dark wet bank."""
@@ -256,7 +261,9 @@ class _Scene:
             1 + rng.normal(0, 0.08, 3)
         ).astype(np.float32)
         depth = self.soften(Image.fromarray((mask * 255).astype(np.uint8)), 6 * self.s + 1) / np.float32(255)
-        wave = (self.xx[mask] * 0.7 + self.yy[mask] * 0.3) / (2.5 * self.s + 0.6) + 3 * self.mottle(8)[mask]
+        wave = (self.xx[mask] * 0.7 + self.yy[mask] * 0.3) / (2.5 * self.s + 0.6) + 3 * self.mottle(
+            8 * self.e
+        )[mask]
         shade = (1.15 - 0.3 * depth[mask]) * self.texture(mask, 0.05, 3, 0.012) * (1 + 0.025 * np.sin(wave))
         self.paint(mask, rgb, shade, WATER)
         bank = self.grow(mask) & ~mask & (self.lab != BUILDING)
@@ -295,9 +302,9 @@ class _Scene:
 
     def lake(self) -> None:
         cx, cy = self.rng.uniform(0.1, 0.9, 2) * self.n
-        radius = self.rng.uniform(0.12, 0.3) * self.n
+        radius = self.rng.uniform(40, 110) * self.s
         dist = np.sqrt((self.xx - cx) ** 2 + (self.yy - cy) ** 2) / radius
-        self.water(dist - 0.45 * self.fbm(3, 3) < 1.0)
+        self.water(dist - 0.45 * self.fbm(3 * self.e, 3) < 1.0)
 
     # ---------------------------------------------------------------- roads and vehicles
     def roads(
@@ -458,7 +465,7 @@ class _Scene:
                 kinds.append(
                     int(
                         rng.choice(
-                            [AGRICULTURE, BACKGROUND, BARREN, WATER, FOREST], p=[0.76, 0.1, 0.06, 0.05, 0.03]
+                            [AGRICULTURE, BACKGROUND, BARREN, WATER, FOREST], p=[0.74, 0.1, 0.08, 0.05, 0.03]
                         )
                     )
                 )
@@ -494,7 +501,7 @@ class _Scene:
             / period[k]
         )
         rows = 1 + amp[k] * np.sign(wave) * np.sqrt(np.abs(wave))
-        within = 1 + 0.06 * self.mottle(10)[agri] + self.grain(0.02)[agri]
+        within = 1 + 0.06 * self.mottle(10 * self.e)[agri] + self.grain(0.02)[agri]
         self.img[agri] = cols[k] * (rows * within)[:, None]
         self.lab[agri] = AGRICULTURE
         for kind, paint in ((BARREN, self.barren), (FOREST, self.forest), (WATER, self.water)):
@@ -506,11 +513,11 @@ class _Scene:
         """A rotated street grid (some segments missing, a few arterials, maybe a curved road) whose blocks
         hold houses, apartment slabs, warehouses, parks, yards or building sites."""
         rng, n, s = self.rng, self.n, self.s
-        if rng.random() < 0.25:
+        if rng.random() < 0.4:
             self.barren_patches(rng.uniform(0.03, 0.1))
         if rng.random() < 0.2:
-            self.fields(region=self.fbm(2, 3) > 0.8)
-        if rng.random() < 0.3:
+            self.fields(region=self.fbm(2 * self.e, 3) > 0.8)
+        if rng.random() < 0.35:
             self.river()
         elif rng.random() < 0.2:
             self.lake()
@@ -522,8 +529,9 @@ class _Scene:
             return np.array([u, v]) @ rot.T + centre
 
         def cuts(gap: tuple[float, float]) -> list[float]:
-            out = [-0.75 * n + rng.uniform(0, gap[1])]
-            while out[-1] < 0.75 * n:
+            reach = 0.75 * n + gap[1]  # past the image corners by a whole block
+            out = [-reach + rng.uniform(0, gap[1])]
+            while out[-1] < reach:
                 out.append(out[-1] + rng.uniform(*gap))
             return out
 
@@ -551,20 +559,16 @@ class _Scene:
             for j in range(len(vs) - 1):
                 u0, u1 = us[i] + wu[i] / 2 + 3 * s, us[i + 1] - wu[i + 1] / 2 - 3 * s
                 v0, v1 = vs[j] + wv[j] / 2 + 3 * s, vs[j + 1] - wv[j + 1] / 2 - 3 * s
-                c = to_img((u0 + u1) / 2, (v0 + v1) / 2)
-                if (
-                    u1 - u0 < 12 * s
-                    or v1 - v0 < 12 * s
-                    or not (-0.2 * n < c[0] < 1.2 * n and -0.2 * n < c[1] < 1.2 * n)
-                ):
+                corners = np.array([to_img(u, v) for u, v in ((u0, v0), (u1, v0), (u1, v1), (u0, v1))])
+                outside = (corners.max(axis=0) < 0).any() or (corners.min(axis=0) > n).any()
+                if u1 - u0 < 12 * s or v1 - v0 < 12 * s or outside:
                     continue
                 kind = str(
                     rng.choice(
                         ["houses", "slabs", "industrial", "park", "yard", "site"],
-                        p=[0.38, 0.22, 0.12, 0.12, 0.1, 0.06],
+                        p=[0.37, 0.22, 0.12, 0.12, 0.08, 0.09],
                     )
                 )
-                corners = np.array([to_img(u, v) for u, v in ((u0, v0), (u1, v0), (u1, v1), (u0, v1))])
                 if kind == "park":
                     parks.append(corners)
                 elif kind == "site":
@@ -579,7 +583,7 @@ class _Scene:
                 self.texture(lawn, 0.08, 20, 0.03),
                 BACKGROUND,
             )
-            self.forest(lawn & (self.fbm(6, 3) > rng.uniform(-0.6, 0.4)))
+            self.forest(lawn & (self.fbm(6 * self.e, 3) > rng.uniform(-0.6, 0.4)))
         if sites:
             self.barren(self.polygons_mask(sites))
         lines = [(np.array([a, b]), w) for a, b, w in segments]
@@ -634,22 +638,22 @@ class _Scene:
     def rural_layout(self) -> None:
         """Farmland patchwork with woods, water, a paved road or two, dirt tracks and villages."""
         rng, n, s = self.rng, self.n, self.s
-        self.fields(region=self.fbm(1.5, 3) > rng.uniform(-1.2, 0.2))
-        if rng.random() < 0.5:
-            self.barren_patches(rng.uniform(0.02, 0.08))
+        self.fields(region=self.fbm(1.5 * self.e, 3) > rng.uniform(-1.2, 0.2))
+        if rng.random() < 0.7:
+            self.barren_patches(rng.uniform(0.03, 0.1))
         self.forest_patches(rng.uniform(0.05, 0.3))
-        if rng.random() < 0.4:
+        if rng.random() < 0.5:
             self.river()
         if rng.random() < 0.25:
             self.lake()
         paved: list[tuple[np.ndarray, float]] = []
-        for _ in range(int(rng.integers(1, 3))):
+        for _ in range(int(rng.binomial(2, min(1.0, 0.75 * self.e)))):  # roads crossing: ~ the extent
             paved.append(
                 (self.wander(step=10 * s + 1, curl=rng.uniform(0.01, 0.06)), rng.uniform(8, 14) * s + 1)
             )
         rot = _rot(self.field_theta)
         tracks = []
-        for _ in range(int(rng.integers(1, 4))):  # dirt tracks along the field grid
+        for _ in range(int(rng.binomial(3, min(1.0, 0.6 * self.e)))):  # dirt tracks along the field grid
             off = rng.uniform(-0.4, 0.4) * n
             tracks.append((np.array([[off, -n], [off, n]]) @ rot.T + n / 2, rng.uniform(4, 7) * s + 1))
         self.roads(tracks, self.colour((164, 150, 118), 0.06, self.soil_tint), marked_width=None)
@@ -659,7 +663,7 @@ class _Scene:
         )
         rects: list[Rect] = []
         trees: tuple[list[tuple[float, float]], list[float]] = ([], [])
-        for _ in range(int(rng.integers(0, 4))):  # villages: clusters of houses along a local axis
+        for _ in range(int(rng.poisson(1.5 * self.e**2))):  # villages: clusters of houses along a local axis
             cx, cy = rng.uniform(0.1, 0.9, 2) * n
             theta = self.field_theta + rng.normal(0, 0.1)
             for _ in range(int(rng.integers(4, 22))):
@@ -677,7 +681,7 @@ class _Scene:
         """Exposure, white balance, illumination gradient, gamma, haze, saturation, blur, sensor noise; then
         sometimes a black no-data wedge at an edge, as LoveDA tiles have."""
         rng, n = self.rng, self.n
-        gain = (rng.uniform(0.82, 1.18) * (1 + rng.normal(0, 0.05, 3))).astype(np.float32)
+        gain = (rng.uniform(0.82, 1.18) * (1 + rng.normal(0, 0.035, 3))).astype(np.float32)
         ramp_angle = rng.uniform(0, 2 * math.pi)
         ramp = 1 + rng.uniform(0, 0.12) * (
             (self.xx * math.cos(ramp_angle) + self.yy * math.sin(ramp_angle)) / n - 0.5
@@ -692,7 +696,7 @@ class _Scene:
         grey = img.mean(axis=2, keepdims=True)
         img = grey + rng.uniform(0.7, 1.1) * (img - grey)
         out = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
-        out = out.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.9) * max(self.s, 0.5)))
+        out = out.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.9)))
         sigma = rng.uniform(1.0, 3.5)
         noise = np.stack([self.grain(sigma) for _ in range(3)], axis=-1)
         rgb = np.clip(np.asarray(out, dtype=np.float32) + noise + 0.5, 0, 255).astype(np.uint8)
