@@ -7,7 +7,6 @@ returns numpy arrays in the file's own dtype: images as ``H x W x C``, masks as 
 
 from __future__ import annotations
 
-import os
 import threading
 import warnings
 from collections.abc import Sequence
@@ -29,15 +28,6 @@ TIFF_SUFFIXES = (".tif", ".tiff")
 _PIL_OPEN_LOCK = threading.Lock()
 
 
-def _file_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-FILE_MODE = _file_mode()
-"""Mode for files we write: what ``open()`` would give under the process umask (``atomic_path``'s
-temporary files start as 0600, which would leave datasets unreadable to other users)."""
 
 
 class DataError(ValueError):
@@ -241,14 +231,12 @@ def write_png(path: str | Path, array: np.ndarray, compress_level: int = 6) -> N
     img = Image.fromarray(array)
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG", compress_level=compress_level)
-        os.chmod(tmp, FILE_MODE)
 
 
 def write_text(path: str | Path, text: str) -> None:
     """Atomically write a UTF-8 text file with the usual permissions."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
-        os.chmod(tmp, FILE_MODE)
 
 
 def list_files(folder: Path, suffixes: Sequence[str]) -> list[Path]:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from seglstm.data.io import FILE_MODE, write_png, write_text
+from seglstm.data.io import write_png, write_text
 
 GENERATOR_VERSION = 1
 PIXEL_SCALE = 1.25
@@ -922,4 +922,3 @@ def sample_grid(
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=60, format=path.suffix.lstrip(".") or "png")
-        os.chmod(tmp, FILE_MODE)
