@@ -1,16 +1,22 @@
 """Forward time and peak memory of the vil_s encoder (chunkwise vs the seed's parallel backend) against
 timm's ViT-S/16, batch 1, square inputs.
 
-    python benchmarks/encoder_speed.py [--sizes 256 512 1024 2048] [--device cpu|cuda]
+    python benchmarks/encoder_speed.py [--sizes 256 512 1024 2048] [--device cpu|cuda] [--omp-wait-policy passive]
 
 Prints a table and writes benchmarks/results/encoder_speed[_cuda].json. Ratios, not absolute times, are
 the result: every row comes from the same run on the same machine.
+
+Every configuration runs in a fresh process with OMP_WAIT_POLICY=passive unless told otherwise: on a
+shared, oversubscribed CPU, OpenMP threads that spin at every barrier steal the time slices their sibling
+needs, which costs a model with many medium-sized operators (ViL: ~100 per block) far more than one with a
+few large ones (ViT); see benchmarks/NOTES.md. The setting applies to every model alike.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -45,17 +51,29 @@ def measure(model: str, size: int, device: str, slow: bool) -> dict[str, Any]:
     base = start_memory(dev)
     with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
         seconds = time_call(lambda: net(x), dev, repeats=1 if slow else 3, warmup=0 if slow else 1)
-    return {"seconds": seconds, "peak_mib": peak_memory_mib(dev, base)}
+    return {"seconds": seconds, "peak_mib": peak_memory_mib(dev, base), "load": os.getloadavg()[0]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024, 2048])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--max-parallel-size", type=int, default=1024,
-                        help="largest side for the quadratic backend (its S x S matrices outgrow RAM)")
+    parser.add_argument(
+        "--max-parallel-size",
+        type=int,
+        default=1024,
+        help="largest side for the quadratic backend (its S x S matrices outgrow RAM)",
+    )
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--omp-wait-policy",
+        choices=["passive", "active", "inherit"],
+        default="passive",
+        help="OMP_WAIT_POLICY of the measuring processes ('inherit': leave the environment as is)",
+    )
     args = parser.parse_args()
+    if args.omp_wait_policy != "inherit":  # read by OpenMP when a spawned child loads torch
+        os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()
 
     rows = []
     for size in args.sizes:
@@ -78,20 +96,24 @@ def main() -> None:
 
     summary = []
     for size in args.sizes:
-        summary.append({
-            "side": size,
-            "vil/vit time": ratio("vil_s/chunkwise", "vit_s16 (timm)", size),
-            "parallel/chunkwise time": ratio("vil_s/parallel", "vil_s/chunkwise", size),
-        })
+        summary.append(
+            {
+                "side": size,
+                "vil/vit time": ratio("vil_s/chunkwise", "vit_s16 (timm)", size),
+                "parallel/chunkwise time": ratio("vil_s/parallel", "vil_s/chunkwise", size),
+            }
+        )
     sizes = sorted(args.sizes)
     growth = {}
     for a, b in itertools.pairwise(sizes):
         ra, rb = by.get(("vil_s/chunkwise", a), {}), by.get(("vil_s/chunkwise", b), {})
         if "seconds" in ra and "seconds" in rb:
-            growth[f"{a}->{b}"] = {"time": rb["seconds"] / ra["seconds"],
-                                   "memory": rb["peak_mib"] / max(ra["peak_mib"], 1e-9)}
+            growth[f"{a}->{b}"] = {
+                "time": rb["seconds"] / ra["seconds"],
+                "memory": rb["peak_mib"] / max(ra["peak_mib"], 1e-9),
+            }
     print()
-    print_table(rows, ["model", "side", "seconds", "peak_mib", "note", "error"])
+    print_table(rows, ["model", "side", "seconds", "peak_mib", "load", "note", "error"])
     print()
     print_table(summary, ["side", "vil/vit time", "parallel/chunkwise time"])
     print("\nchunkwise growth per doubling of the side (linear in pixels = 4x):")
@@ -99,8 +121,18 @@ def main() -> None:
         print(f"  {k}: time x{v['time']:.2f}, memory x{v['memory']:.2f}")
     suffix = "" if args.device == "cpu" else f"_{args.device}"
     out = args.out or Path(__file__).resolve().parent / "results" / f"encoder_speed{suffix}.json"
-    write_json(out, {"machine": machine(), "device": args.device, "rows": rows, "ratios": summary,
-                     "growth": growth})
+    write_json(
+        out,
+        {
+            "machine": machine(),
+            "device": args.device,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+            "load_average": os.getloadavg(),
+            "rows": rows,
+            "ratios": summary,
+            "growth": growth,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -180,8 +180,9 @@ def chunkwise_feature_major(
         i, f: (B, NH, S) gate pre-activations.
         chunk_size: chunk length L; S must be a multiple of it.
     Returns:
-        out: (B, NH, Dv + 1, S), rows :Dv the stabilised numerator, row Dv the stabilised denominator.
-        m: (B, NH, S) the stabiliser; h = out[:, :, :Dv] / (max(|out[:, :, Dv]|, exp(-m)) + eps).
+        out: (B, NH, Dv + 1, NC, L) chunked view, rows :Dv the stabilised numerator, row Dv the stabilised
+            denominator (stored chunk-major: the sequence is not one stride).
+        m: (B, NH, NC, L) the stabiliser; h = out[:, :, :Dv] / (max(|out[:, :, Dv]|, exp(-m)) + eps).
     """
     bsz, nh, _, seq = q.shape
     if seq % chunk_size:
@@ -212,7 +213,7 @@ def chunkwise_feature_major(
         out = _ChunkwiseProducts.apply(q, k, v1, w, sigma, decay, dmat)
     else:
         out = _products(q, k, v1, w, sigma, decay, dmat, scratch)[0]
-    return out, m.view(bsz, nh, seq)
+    return out.transpose(2, 3), m
 
 
 def _fresh(key: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
@@ -222,18 +223,21 @@ def _fresh(key: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor
 def _products(q, k, v1, w, sigma, decay, dmat, alloc: Callable) -> tuple[torch.Tensor, ...]:
     """The GEMM part of the chunkwise form, given the gate weights (see ``_ChunkwiseProducts``).
 
-    Runs per-head bmm calls on strided chunk views (torch.matmul would copy the non-mergeable (B, NH, NC)
-    batch) into buffers from ``alloc``. Returns out and what the backward pass needs: the states entering
-    chunks 1.., the raw scores Q^T K, kg = k w and qs = q sigma.
+    Runs per-head bmm calls on strided chunk views of the feature-major inputs (torch.matmul would copy the
+    non-mergeable (B, NH, NC) batch) into contiguous chunk-major buffers from ``alloc``: with a contiguous
+    result PyTorch hands the whole batch to one MKL batched GEMM, with a strided one it loops over
+    single-matrix GEMMs, each a separate (and, under load, slow) thread synchronisation.
+    Returns out (B, NH, NC, Dv1, L) and what the backward pass needs: the states entering chunks 1..,
+    the raw scores Q^T K, the masked scores P, kg = k w and qs = q sigma.
     """
-    bsz, nh, d, seq = q.shape
+    bsz, nh, d, _ = q.shape
     dv1, nc, L = v1.shape[2], dmat.shape[2], dmat.shape[3]
     kg = torch.mul(k, w, out=alloc("cell.kg", k.shape, k))
     qs = torch.mul(q, sigma, out=alloc("cell.qs", q.shape, q))
     # States are kept as (Dv + 1, D) = V^T K: the inter-chunk product is then a plain NN GEMM.
     states = alloc("cell.states", (bsz, nh, nc, dv1, d), q)
     qk = alloc("cell.qk", (bsz, nh, nc, L, L), q)
-    out = alloc("cell.out", (bsz, nh, dv1, seq), q)
+    out = alloc("cell.out", (bsz, nh, nc, dv1, L), q)
     for b in range(bsz):
         for h in range(nh):
             torch.bmm(_chunks(v1[b, h], nc), _chunks(kg[b, h], nc).transpose(1, 2), out=states[b, h])
@@ -244,12 +248,16 @@ def _products(q, k, v1, w, sigma, decay, dmat, alloc: Callable) -> tuple[torch.T
     p = qk.mul_(dmat) if alloc is scratch else qk * dmat
     for b in range(bsz):
         for h in range(nh):
-            oc = _chunks(out[b, h], nc)
-            oc[0].zero_()
+            out[b, h, 0].zero_()
             if nc > 1:
-                torch.bmm(states[b, h, :-1], _chunks(qs[b, h], nc)[1:], out=oc[1:])
-            oc.baddbmm_(_chunks(v1[b, h], nc), p[b, h].transpose(1, 2))
+                torch.bmm(states[b, h, :-1], _chunks(qs[b, h], nc)[1:], out=out[b, h, 1:])
+            out[b, h].baddbmm_(_chunks(v1[b, h], nc), p[b, h].transpose(1, 2))
     return out, states[:, :, :-1], qk, p, kg, qs
+
+
+def _unchunk(t: torch.Tensor) -> torch.Tensor:
+    """(B, NH, NC, R, L) -> (B, NH, R, NC * L), a copy."""
+    return t.transpose(2, 3).flatten(3)
 
 
 class _ChunkwiseProducts(torch.autograd.Function):
@@ -273,23 +281,23 @@ class _ChunkwiseProducts(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v1, w, sigma, decay, dmat, entering, qk, p, kg, qs = ctx.saved_tensors
         bsz, nh, d, _ = q.shape
-        dv1, nc = v1.shape[2], dmat.shape[2]
-        g = grad_out if 1 in grad_out.stride()[-2:] else grad_out.contiguous()
-        dq, dk, dv1_ = q.new_empty(q.shape), k.new_empty(k.shape), v1.new_empty(v1.shape)
+        dv1, nc, L = v1.shape[2], dmat.shape[2], dmat.shape[3]
+        g = grad_out.contiguous()  # (B, NH, NC, Dv1, L)
+        # Gradients are accumulated chunk-major (contiguous bmm results, see _products), then unchunked.
+        dq, dk, dqs, dkg = (q.new_empty(bsz, nh, nc, d, L) for _ in range(4))
+        dv = v1.new_empty(bsz, nh, nc, dv1, L)
         dp = torch.empty_like(p)
         acc = v1.new_zeros(bsz, nh, nc, dv1, d)  # dL/dE_c for c = 1 .. NC - 1 (E_0 = 0 needs none)
-        dqs = q.new_empty(q.shape)
         for b in range(bsz):
             for h in range(nh):
-                gc, vc = _chunks(g[b, h], nc), _chunks(v1[b, h], nc)
-                torch.bmm(gc.transpose(1, 2), vc, out=dp[b, h])  # dP = G^T V1
-                torch.bmm(gc, p[b, h], out=_chunks(dv1_[b, h], nc))  # intra: dV1 = G P
+                vc = _chunks(v1[b, h], nc)
+                torch.bmm(g[b, h].transpose(1, 2), vc, out=dp[b, h])  # dP = G^T V1
+                torch.bmm(g[b, h], p[b, h], out=dv[b, h])  # intra: dV1 = G P
+                dqs[b, h, 0].zero_()
                 if nc > 1:
-                    torch.bmm(gc[1:], _chunks(qs[b, h], nc)[1:].transpose(1, 2), out=acc[b, h, 1:])  # G Qs^T
-                    _chunks(dqs[b, h], nc)[0].zero_()
-                    torch.bmm(entering[b, h].transpose(1, 2), gc[1:], out=_chunks(dqs[b, h], nc)[1:])  # E^T G
-                else:
-                    dqs[b, h].zero_()
+                    qsc = _chunks(qs[b, h], nc)[1:]
+                    torch.bmm(g[b, h, 1:], qsc.transpose(1, 2), out=acc[b, h, 1:])  # dE = G Qs^T
+                    torch.bmm(entering[b, h].transpose(1, 2), g[b, h, 1:], out=dqs[b, h, 1:])  # dQs = E^T G
         d_dmat = dp * qk
         ds = dp.mul_(dmat)  # gradient of the raw scores Q^T K
         # Reverse the recurrence: acc[c] = dE_c + decay_c acc[c + 1]; then dL/d(V1_c Kg_c^T) = acc[c + 1].
@@ -299,23 +307,21 @@ class _ChunkwiseProducts(torch.autograd.Function):
         d_decay = torch.zeros_like(decay)
         if nc > 2:
             d_decay[:, :, 1:-1] = (acc[:, :, 2:] * entering[:, :, :-1]).sum((-1, -2))  # <dE_{c+1}, E_c>
-        dkg = k.new_empty(k.shape)
         for b in range(bsz):
             for h in range(nh):
                 qc, kc, vc = _chunks(q[b, h], nc), _chunks(k[b, h], nc), _chunks(v1[b, h], nc)
-                torch.bmm(kc, ds[b, h].transpose(1, 2), out=_chunks(dq[b, h], nc))  # dQ = K dS^T
-                torch.bmm(qc, ds[b, h], out=_chunks(dk[b, h], nc))  # dK = Q dS
-                dkgc = _chunks(dkg[b, h], nc)
-                dkgc[-1].zero_()
+                torch.bmm(kc, ds[b, h].transpose(1, 2), out=dq[b, h])  # dQ = K dS^T
+                torch.bmm(qc, ds[b, h], out=dk[b, h])  # dK = Q dS
+                dkg[b, h, -1].zero_()
                 if nc > 1:
-                    torch.bmm(acc[b, h, 1:].transpose(1, 2), vc[:-1], out=dkgc[:-1])  # dKg = dU^T V1
-                    dv1c = _chunks(dv1_[b, h], nc)
-                    dv1c[:-1].baddbmm_(acc[b, h, 1:], _chunks(kg[b, h], nc)[:-1])  # dV1 += dU Kg
-        d_sigma = (dqs * q).sum(2, keepdim=True)
-        d_w = (dkg * k).sum(2, keepdim=True)
-        dq.addcmul_(dqs, sigma)
-        dk.addcmul_(dkg, w)
-        return dq, dk, dv1_, d_w, d_sigma, d_decay, d_dmat
+                    torch.bmm(acc[b, h, 1:].transpose(1, 2), vc[:-1], out=dkg[b, h, :-1])  # dKg = dU^T V1
+                    dv[b, h, :-1].baddbmm_(acc[b, h, 1:], _chunks(kg[b, h], nc)[:-1])  # dV1 += dU Kg
+        q_c, k_c, sigma_c, w_c = (_chunks(t, nc) for t in (q, k, sigma, w))
+        d_sigma = _unchunk((dqs * q_c).sum(3, keepdim=True))
+        d_w = _unchunk((dkg * k_c).sum(3, keepdim=True))
+        dq.addcmul_(dqs, sigma_c)
+        dk.addcmul_(dkg, w_c)
+        return _unchunk(dq), _unchunk(dk), _unchunk(dv), d_w, d_sigma, d_decay, d_dmat
 
 
 def normaliser(den: torch.Tensor, m: torch.Tensor, eps: float) -> torch.Tensor:
@@ -337,8 +343,8 @@ def _chunkwise_torch(q, k, v, i, f, *, chunk_size: int, eps: float) -> torch.Ten
         (q * d**-0.5).transpose(-1, -2), k.transpose(-1, -2), v1, i, f, chunk_size=chunk
     )
     num, den = out.split([v.shape[-1], 1], dim=2)
-    h = num / normaliser(den, m.unsqueeze(2), eps)
-    return h.transpose(-1, -2)[:, :, :seq]
+    h = num / normaliser(den, m.unsqueeze(2), eps)  # (B, NH, Dv, NC, L)
+    return h.permute(0, 1, 3, 4, 2).flatten(2, 3)[:, :, :seq]
 
 
 def _chunkwise(q, k, v, i, f, *, chunk_size: int, eps: float, kernel: KernelChoice) -> torch.Tensor:

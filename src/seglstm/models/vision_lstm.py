@@ -63,19 +63,19 @@ class MultiHeadGroupNorm(nn.Module):
     def normalise_feature_major(
         self, num: torch.Tensor, nrm: torch.Tensor | None = None, inplace: bool = False
     ) -> torch.Tensor:
-        """Normalise h = num / nrm given as (B, NH, DH, S), without forming h.
+        """Normalise h = num / nrm given as (B, NH, DH, ...) (tokens in the trailing dims), without forming h.
 
         Layer norm over DH of num / nrm equals (num - mean) / sqrt(var + eps * nrm**2) with mean and var
         taken over num: the cell's division folds into the norm's per-token scale.
 
         Args:
-            num: (B, NH, DH, S) numerator (any strides); overwritten when ``inplace``.
-            nrm: (B, NH, 1, S) positive divisor, or None for 1.
+            num: (B, NH, DH, ...) numerator (any strides); overwritten when ``inplace``.
+            nrm: (B, NH, 1, ...) positive divisor, or None for 1.
         Returns:
-            (B, NH, DH, S) normalised output times the per-channel weight (1 + stored).
+            num's shape, normalised output times the per-channel weight (1 + stored).
         """
         nh, dh = num.shape[1:3]
-        scale = (1.0 + self.weight).view(nh, dh, 1)
+        scale = (1.0 + self.weight).view(nh, dh, *[1] * (num.ndim - 3))
         mean = num.sum(2, keepdim=True).div_(dh)
         cen = num.sub_(mean) if inplace else num - mean
         sq = torch.mul(cen, cen, out=scratch("norm.sq", cen.shape, cen)) if inplace else cen * cen
@@ -251,7 +251,7 @@ class ViLLayer(nn.Module):
             k = _block_diag_matmul(w_qk, a, "layer.k").view(bsz, nh, dh, sp)
             v1 = _values_with_ones(self.v_proj.weight, x_m, nh)
             out, m = chunkwise_feature_major(a.view(bsz, nh, dh, sp), k, v1, i, f, chunk_size=chunk)
-            num, den = out.split([dh, 1], dim=2)
+            num, den = out.split([dh, 1], dim=2)  # (B, NH, DH | 1, NC, L)
             nrm = normaliser(den, m.unsqueeze(2), eps=1e-6)
         else:
             q = _block_diag_matmul(self.q_proj.weight, a, "layer.q").view(bsz, nh, dh, sp)
@@ -267,9 +267,11 @@ class ViLLayer(nn.Module):
                 chunk_size=self.chunk_size,
                 kernel=self.mlstm_kernel,
             )
-            num, nrm = h.transpose(2, 3), None
+            num, nrm = h.transpose(2, 3).unsqueeze(3), None  # one "chunk" of S tokens
+        tokens = num.shape[3:]  # (NC, L)
         h = cell.outnorm.normalise_feature_major(num, nrm, inplace=inplace)
-        h = _skip_and_gate(h, a.view(bsz, nh, dh, sp), z.view(bsz, nh, dh, sp), self.learnable_skip, inplace)
+        a, z = (t.view(bsz, nh, dh, *tokens) for t in (a, z))
+        h = _skip_and_gate(h, a, z, self.learnable_skip, inplace)
         out = _heads_matmul(h, self.proj_down.weight, "layer.down")  # (B, S, d)
         return out[:, :seq] if pad else out
 
@@ -340,23 +342,32 @@ def _left_matmul(weight: torch.Tensor, x: torch.Tensor, key: str) -> torch.Tenso
 
 
 def _heads_matmul(h: torch.Tensor, weight: torch.Tensor, key: str) -> torch.Tensor:
-    """Output projection of per-head feature-major h (B, NH, DH, S) -> (B, S, d), one GEMM per head (h may be
-    a view with gaps between heads)."""
-    bsz, nh, dh, seq = h.shape
-    if torch.is_grad_enabled():  # h is a fresh contiguous tensor here
-        return torch.bmm(h.reshape(bsz, nh * dh, seq).transpose(1, 2), weight.t().expand(bsz, -1, -1))
-    parts = [weight[:, j * dh : (j + 1) * dh].t().expand(bsz, -1, -1) for j in range(nh)]
-    out = torch.bmm(h[:, 0].transpose(1, 2), parts[0], out=scratch(key, (bsz, seq, weight.shape[0]), h))
-    for j in range(1, nh):
-        out.baddbmm_(h[:, j].transpose(1, 2), parts[j])
-    return out
+    """Output projection of chunked per-head h (B, NH, DH, NC, L) -> (B, NC * L, d): per head one batched
+    GEMM over the chunks (h may be stored chunk-major, with gaps between heads)."""
+    bsz, nh, dh, nc, length = h.shape
+    parts = [weight[:, j * dh : (j + 1) * dh].t().expand(bsz * nc, -1, -1) for j in range(nh)]
+    if torch.is_grad_enabled():
+        out = None
+        for j in range(nh):
+            lhs = h[:, j].permute(0, 2, 3, 1).reshape(bsz * nc, length, dh)
+            out = torch.bmm(lhs, parts[j]) if out is None else torch.baddbmm(out, lhs, parts[j])
+        return out.view(bsz, nc * length, -1)
+    out = scratch(key, (bsz, nc, length, weight.shape[0]), h)
+    for b in range(bsz):
+        for j in range(nh):
+            lhs = h[b, j].permute(1, 2, 0)  # (NC, L, DH)
+            if j:
+                out[b].baddbmm_(lhs, parts[j][:nc])
+            else:
+                torch.bmm(lhs, parts[j][:nc], out=out[b])
+    return out.view(bsz, nc * length, -1)
 
 
 def _skip_and_gate(
     h: torch.Tensor, a: torch.Tensor, z: torch.Tensor, skip: torch.Tensor, inplace: bool
 ) -> torch.Tensor:
-    """(h + skip * a) * silu(z) on (B, NH, DH, S) views."""
-    skip = skip.view(*h.shape[1:3], 1)
+    """(h + skip * a) * silu(z) on (B, NH, DH, ...) views."""
+    skip = skip.view(*h.shape[1:3], *[1] * (h.ndim - 3))
     if inplace:
         return h.addcmul_(a, skip).mul_(F.silu(z, inplace=True))
     return torch.addcmul(h, a, skip) * F.silu(z)
