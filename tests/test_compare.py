@@ -199,6 +199,7 @@ def _result(miou_parts: list[float | None]) -> dict:
     finite = [v for v in miou_parts if v is not None]
     return {
         "errors": {},
+        "overrides": {"depths": [1, 2], "embed_dim": 32},
         "run": {
             "train": {"steps": 40, "train_seconds": 90.0},
             "metrics": {"mIoU": sum(finite) / len(finite), "mFscore": 0.5, "aAcc": 0.75, "per_class": per_class},
@@ -219,6 +220,7 @@ def test_rows_tables_and_plots(tmp_path):
     pending = cmp.build_row("c", {"pending": True}, CLASSES, [512, 1024])
     cols = cmp.table_columns(CLASSES, [512, 1024])
     assert list(good) == cols
+    assert good["overrides"] == "depths=[1, 2] embed_dim=32"
     assert good["status"] == "ok" and good["steps"] == 40 and good["train_min"] == pytest.approx(1.5)
     assert good["IoU.road"] == pytest.approx(100 * ious[2]) and good["IoU.barren"] is None
     finite = [v for v in ious if v is not None]
@@ -226,11 +228,12 @@ def test_rows_tables_and_plots(tmp_path):
     assert (good["mF1"], good["OA"]) == (pytest.approx(50.0), pytest.approx(75.0))
     assert good["params_M"] == pytest.approx(12.345678) and good["GFLOPs_512"] == pytest.approx(98.7)
     assert (good["infer_img_s_1024"], good["infer_mem_MiB_512"], good["train_mem_MiB"]) == (2.5, 200.0, 1234.4)
+    assert bad["overrides"] is None
     assert bad["status"] == "train failed: RuntimeError: boom" and bad["mIoU"] is None and bad["params_M"] == 5e-6
     assert pending["status"] == "pending"
 
     md = cmp.markdown_table([good, bad], cols).splitlines()
-    assert md[0].startswith("| model | status | steps | train min | IoU.background")
+    assert md[0].startswith("| model | overrides | status | steps | train min | IoU.background")
     assert "GFLOPs@512" in md[0] and "infer img/s@1024" in md[0] and "infer peak MiB@1024" in md[0]
     cells = [c.strip() for c in md[2].strip("|").split("|")]
     assert len(cells) == len(cols)
@@ -347,6 +350,8 @@ def test_compare_end_to_end_writes_every_file(tiny_study):
     for name in ("seglstm_upernet_t", "deeplabv3plus_r18"):
         row, res = rows[name], payload["models"][name]
         assert row["status"] == "ok", row["status"]
+        assert row["overrides"] == ("channels=32" if name == "seglstm_upernet_t" else None)
+        assert set(res["load_average_1m"]) == {"start", "end"}
         assert row["steps"] == 2 and (out / name / "checkpoints" / "last.ckpt").is_file()
         assert (out / name / "logs" / "version_0" / "metrics.csv").is_file()
         ious = [row[f"IoU.{c}"] for c in CLASSES if row[f"IoU.{c}"] is not None]

@@ -15,6 +15,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import re
 import time
 import traceback
@@ -535,7 +536,7 @@ class CompareConfig:
 
 def table_columns(class_names: Sequence[str], sizes: Sequence[int], flops_size: int = 512) -> list[str]:
     """Column keys of the comparison table, in order (CSV header, JSON row keys)."""
-    cols = ["model", "status", "steps", "train_min"]
+    cols = ["model", "overrides", "status", "steps", "train_min"]
     cols += [f"IoU.{c}" for c in class_names]
     cols += ["mIoU", "mF1", "OA", "params_M", f"GFLOPs_{flops_size}", "train_img_s"]
     cols += [f"infer_img_s_{s}" for s in sizes]
@@ -574,6 +575,8 @@ def build_row(name: str, result: Mapping[str, Any], class_names: Sequence[str], 
     """One table row from a model's ``result`` (what ``<out>/<model>/result.json`` holds)."""
     row: dict[str, Any] = dict.fromkeys(table_columns(class_names, sizes, flops_size))
     row["model"] = name
+    overrides = result.get("overrides") or {}
+    row["overrides"] = " ".join(f"{k}={json.dumps(v)}" for k, v in overrides.items()) or None
     errors = dict(result.get("errors") or {})
     if result.get("pending"):
         row["status"] = "pending"
@@ -725,6 +728,11 @@ def _record_error(model_dir: Path, errors: dict[str, str], stage: str, res: Mapp
     atomic_write_text(model_dir / f"error_{stage}.txt", str(res.get("traceback") or res["error"]) + "\n")
 
 
+def _load() -> float | None:
+    """The 1-minute load average: on a shared machine it says how much to trust a model's timings."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
 def _builds(name: str, num_classes: int, overrides: Mapping[str, Any]) -> bool:
     """Whether the model builds for real (the FLOP count builds it on the meta device, which may be what failed)."""
     from seglstm.models.registry import create_model
@@ -812,7 +820,8 @@ def run_compare(cfg: CompareConfig, progress: bool = True) -> dict[str, Any]:
                 tqdm.write(f"compare: {name}: reusing {previous}")
                 publish()
                 continue
-        result: dict[str, Any] = {"fingerprint": key, "overrides": overrides, "errors": {}}
+        result: dict[str, Any] = {"fingerprint": key, "overrides": overrides, "errors": {},
+                                  "load_average_1m": {"start": _load()}}  # fmt: skip
         errors = result["errors"]
         try:
             result["complexity"] = complexity(name, len(classes), overrides, cfg.flops_size)
@@ -868,6 +877,7 @@ def run_compare(cfg: CompareConfig, progress: bool = True) -> dict[str, Any]:
                 _record_error(model_dir, errors, f"inference_{size}", res)
             else:
                 result["inference"][str(size)] = res
+        result["load_average_1m"]["end"] = _load()
         atomic_write_text(previous, json.dumps(result, indent=2, default=str) + "\n")
         results[name] = result
         status = "ok" if not errors else "; ".join(errors)
