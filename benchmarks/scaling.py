@@ -34,7 +34,7 @@ MODELS = "seglstm_upernet_s,vit_s_upernet,swin_t_upernet,mamba_upernet,deeplabv3
 NUM_CLASSES = 7
 
 
-def _limit_memory(gib: float | None, device: torch.device) -> None:
+def limit_memory(gib: float | None, device: torch.device) -> None:
     """Cap the child's address space so a too-large configuration fails with an error instead of drawing
     the kernel's out-of-memory killer onto the machine (CPU only; CUDA reserves huge virtual ranges)."""
     if gib is None or device.type != "cpu":
@@ -60,7 +60,7 @@ def measure(
     import seglstm
 
     dev = torch.device(device)
-    _limit_memory(max_mem_gib, dev)
+    limit_memory(max_mem_gib, dev)
     seg = seglstm.create_model(model, num_classes=NUM_CLASSES, **overrides)
     net = (seg.backbone if part == "encoder" else seg).to(dev)
     weights_mib = sum(p.numel() * p.element_size() for p in net.parameters()) / 2**20
@@ -94,15 +94,18 @@ def measure(
     base = start_memory(dev)
     start = time.perf_counter()
     run()  # first call: warm-up, and how long one call takes here
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
     first = time.perf_counter() - start
+    # A call slower than slow_seconds is its own measurement: one-off costs are small beside it.
     slow = first > slow_seconds
-    seconds = time_call(run, dev, repeats=1 if slow else repeats, warmup=0)
+    seconds = first if slow else time_call(run, dev, repeats=repeats, warmup=0)
     return {
         "seconds": seconds,
         "images_per_s": batch / seconds,
         "peak_mib": peak_memory_mib(dev, base) - allocated,
         "weights_mib": weights_mib,
-        "timed_calls": 1 if slow else repeats,
+        "timed_calls": "first call only" if slow else repeats,
     }
 
 
@@ -152,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if cuda else "cpu")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls after the warm-up call")
     parser.add_argument("--slow-seconds", type=float, default=20.0,
-                        help="time one call only when the warm-up call took longer than this")
+                        help="a first call slower than this is the measurement (no further calls)")
     parser.add_argument("--max-mem-gib", type=float, default=8.0,
                         help="address-space cap per CPU child above its start, GiB (0 = none)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per configuration")

@@ -7,7 +7,8 @@ AdamW step (no-decay groups) and warm-up/poly scheduler step, at 512x512 on rand
 ``MODEL/parallel`` (or ``/chunkwise``, ``/recurrent``) selects the mLSTM backend of a Seg-LSTM preset; the
 target is chunkwise >= 2x the steps/s of the seed's quadratic parallel form. On CUDA the step runs under
 bf16 autocast, as ``seglstm fit`` trains there. Every model runs in its own child process (peak memory:
-weights, AdamW state, activations and gradients); one that fails becomes a row with its error. Prints a
+weights, AdamW state, activations and gradients; on a CPU capped by ``--max-mem-gib``); one that fails
+becomes a row with its error. Prints a
 table and writes benchmarks/results/training_throughput[_cuda].json.
 """
 
@@ -22,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, print_table, run_isolated, write_json
-from scaling import parse_overrides
+from scaling import limit_memory, parse_overrides
 
 MODELS = "seglstm_upernet_s,seglstm_upernet_s/parallel,vit_s_upernet,swin_t_upernet,mamba_upernet,deeplabv3plus_r50"
 BACKENDS = ("chunkwise", "parallel", "recurrent")
@@ -39,9 +40,16 @@ def split_variant(entry: str) -> tuple[str, dict[str, Any]]:
     return name, {"mlstm_backend": backend}
 
 
-def main(argv: list[str] | None = None) -> int:
-    from seglstm.study.measure import training_speed  # the job; imported lazily by the child too
+def capped_training_speed(max_mem_gib: float | None, **kwargs: Any) -> dict[str, Any]:
+    """``seglstm.study.measure.training_speed`` under an address-space cap (CPU), so that a model too large
+    for the machine fails with an error rather than calling the out-of-memory killer."""
+    from seglstm.study.measure import training_speed
 
+    limit_memory(max_mem_gib, torch.device(kwargs.get("device", "cpu")))
+    return training_speed(**kwargs)
+
+
+def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=MODELS, help=f"comma-separated presets (default {MODELS})")
@@ -51,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
     parser.add_argument("--device", default="cuda" if cuda else "cpu")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per model")
+    parser.add_argument("--max-mem-gib", type=float, default=8.0,
+                        help="address-space cap per CPU child above its start, GiB (0 = none)")
     parser.add_argument("--model-overrides", nargs="+", default=[], metavar="MODEL:KEY=VALUE",
                         help="preset overrides for a --models entry (its name as written, e.g. with /parallel)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/training_throughput.json)")
@@ -64,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         name, overrides = split_variant(entry)
         overrides = {**overrides, **extra.get(entry, {})}
         res = run_isolated(
-            training_speed, timeout=args.timeout, name=name, num_classes=NUM_CLASSES, overrides=overrides,
-            size=args.size, batch=args.batch, device=args.device, repeats=args.steps, warmup=args.warmup,
+            capped_training_speed, timeout=args.timeout, max_mem_gib=args.max_mem_gib or None, name=name,
+            num_classes=NUM_CLASSES, overrides=overrides, size=args.size, batch=args.batch, device=args.device, repeats=args.steps, warmup=args.warmup,
             precision=precision,
         )  # fmt: skip
         rows.append({"model": entry, "side": args.size, "batch": args.batch, **res})

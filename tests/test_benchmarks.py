@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from seglstm.study.measure import run_isolated
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -53,6 +56,17 @@ def test_parse_overrides_and_variants():
     assert training_throughput.split_variant("vit_s_upernet") == ("vit_s_upernet", {})
     with pytest.raises(SystemExit, match="must be one of"):
         training_throughput.split_variant("seglstm_upernet_s/fast")
+
+
+def _allocate_under_cap(cap_gib: float, mib: int) -> dict:
+    scaling.limit_memory(cap_gib, torch.device("cpu"))
+    return {"sum": float(torch.ones(mib * 2**18).sum())}  # float32: 4 bytes each
+
+
+def test_memory_cap_turns_an_oversized_allocation_into_an_error():
+    assert run_isolated(_allocate_under_cap, cap_gib=0.5, mib=64) == {"sum": 64 * 2**18}
+    failed = run_isolated(_allocate_under_cap, cap_gib=0.5, mib=2048)
+    assert "memory" in failed["error"].lower()
 
 
 @pytest.mark.slow  # each configuration is a fresh process importing torch and timm
