@@ -39,7 +39,7 @@ def measure(backend: str, size: int, batch: int, steps: int, device: str) -> dic
         loss = model.loss(img, mask)["loss"]
         loss.backward()
         optim.step()
-        return float(loss)
+        return loss.detach().item()
 
     base = start_memory(dev)
     step()  # warm-up: allocations, first-call dispatch

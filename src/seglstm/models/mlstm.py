@@ -287,7 +287,7 @@ class _ChunkwiseProducts(torch.autograd.Function):
         dq, dk, dqs, dkg = (q.new_empty(bsz, nh, nc, d, L) for _ in range(4))
         dv = v1.new_empty(bsz, nh, nc, dv1, L)
         dp = torch.empty_like(p)
-        acc = v1.new_zeros(bsz, nh, nc, dv1, d)  # dL/dE_c for c = 1 .. NC - 1 (E_0 = 0 needs none)
+        acc = v1.new_empty(bsz, nh, nc, dv1, d)  # dL/dE_c for c = 1 .. NC - 1 (E_0 = 0 needs none)
         for b in range(bsz):
             for h in range(nh):
                 vc = _chunks(v1[b, h], nc)
@@ -306,7 +306,12 @@ class _ChunkwiseProducts(torch.autograd.Function):
             per_chunk[c].addcmul_(per_chunk[c + 1], carry[c])
         d_decay = torch.zeros_like(decay)
         if nc > 2:
-            d_decay[:, :, 1:-1] = (acc[:, :, 2:] * entering[:, :, :-1]).sum((-1, -2))  # <dE_{c+1}, E_c>
+            for b in range(bsz):  # <dE_{c+1}, E_c> as batched dot products (no state-sized temporary)
+                for h in range(nh):
+                    dots = torch.bmm(
+                        acc[b, h, 2:].view(nc - 2, 1, -1), entering[b, h, :-1].view(nc - 2, -1, 1)
+                    )
+                    d_decay[b, h, 1:-1] = dots.view(nc - 2)
         for b in range(bsz):
             for h in range(nh):
                 qc, kc, vc = _chunks(q[b, h], nc), _chunks(k[b, h], nc), _chunks(v1[b, h], nc)
