@@ -345,12 +345,13 @@ def _heads_matmul(h: torch.Tensor, weight: torch.Tensor, key: str) -> torch.Tens
     """Output projection of chunked per-head h (B, NH, DH, NC, L) -> (B, NC * L, d): per head one batched
     GEMM over the chunks (h may be stored chunk-major, with gaps between heads)."""
     bsz, nh, dh, nc, length = h.shape
-    if torch.is_grad_enabled():
-        # One token-major copy, then one GEMM: its weight gradient is a single GEMM too, not a batch of
-        # per-chunk products summed afterwards (and no per-head indexing whose backward zero-fills h).
-        tokens = h.permute(0, 3, 4, 1, 2).reshape(bsz, nc * length, nh * dh)
-        return F.linear(tokens, weight)
     parts = [weight[:, j * dh : (j + 1) * dh].t().expand(bsz * nc, -1, -1) for j in range(nh)]
+    if torch.is_grad_enabled():
+        out = None
+        for j in range(nh):
+            lhs = h[:, j].permute(0, 2, 3, 1).reshape(bsz * nc, length, dh)
+            out = torch.bmm(lhs, parts[j]) if out is None else torch.baddbmm(out, lhs, parts[j])
+        return out.view(bsz, nc * length, -1)
     out = scratch(key, (bsz, nc, length, weight.shape[0]), h)
     for b in range(bsz):
         for j in range(nh):
