@@ -328,7 +328,8 @@ def tiny_study(tmp_path_factory):
     out = root / "out"
     args = [
         "--models", "seglstm_upernet_t,deeplabv3plus_r18,pspnet_r18", "--data", str(cfg), "--budget", "2",
-        "--model-overrides", "seglstm_upernet_t:channels=32", "pspnet_r18:no_such_option=1",
+        "--model-overrides", "seglstm_upernet_t:depths=[1,1,1,1]", "seglstm_upernet_t:embed_dim=32",
+        "seglstm_upernet_t:channels=32", "pspnet_r18:no_such_option=1",
         "--sizes", "64", "--flops-size", "64", "--repeats", "1", "--out", str(out), "--quiet",
     ]  # fmt: skip
     return compare_main(args), out, cfg, args
@@ -350,7 +351,8 @@ def test_compare_end_to_end_writes_every_file(tiny_study):
     for name in ("seglstm_upernet_t", "deeplabv3plus_r18"):
         row, res = rows[name], payload["models"][name]
         assert row["status"] == "ok", row["status"]
-        assert row["overrides"] == ("channels=32" if name == "seglstm_upernet_t" else None)
+        tiny = "depths=[1, 1, 1, 1] embed_dim=32 channels=32"
+        assert row["overrides"] == (tiny if name == "seglstm_upernet_t" else None)
         assert set(res["load_average_1m"]) == {"start", "end"}
         assert row["steps"] == 2 and (out / name / "checkpoints" / "last.ckpt").is_file()
         assert (out / name / "logs" / "version_0" / "metrics.csv").is_file()
@@ -366,7 +368,7 @@ def test_compare_end_to_end_writes_every_file(tiny_study):
     assert (out / "pspnet_r18" / "error_build.txt").is_file()
     md = (out / "compare.md").read_text()
     assert "synthetic LoveDA-like scenes" in md and "not real imagery" in md
-    assert "| pspnet_r18 | build failed: TypeError" in md
+    assert "| pspnet_r18 | no_such_option=1 | build failed: TypeError" in md
     assert payload["settings"]["ignored_config_keys"] == ["model"]
     machine = payload["settings"]["machine"]
     assert machine["cores"] >= 1 and machine["cpu"] and machine["torch"] == torch.__version__
