@@ -137,6 +137,18 @@ def _chunks(t: torch.Tensor, num_chunks: int) -> torch.Tensor:
     return t.unflatten(-1, (num_chunks, -1)).transpose(-3, -2)
 
 
+def _gemm_batches(bsz: int, nh: int, nc: int) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+    """Selectors that turn (B, NH, NC, R, C) chunk views into the batches of one bmm call each.
+
+    With several chunks, the (B, NH) dims of a strided chunk view do not merge without a copy, so there is
+    one call per (b, h). With a single chunk (short sequences: small crops, training batches of many
+    images) every view merges: one call for the whole batch instead of B * NH small ones.
+    """
+    if nc == 1:
+        return [lambda t: t.flatten(0, 2)]
+    return [lambda t, b=b, h=h: t[b, h] for b in range(bsz) for h in range(nh)]
+
+
 # exp() of float32 arguments below about -87 gives denormals and takes a slow path (30x slower on this CPU);
 # weights that small (< 2e-35 relative to the largest, which is 1) are below float32 resolution anyway.
 _EXP_FLOOR = -80.0
@@ -223,8 +235,8 @@ def _fresh(key: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor
 def _products(q, k, v1, w, sigma, decay, dmat, alloc: Callable) -> tuple[torch.Tensor, ...]:
     """The GEMM part of the chunkwise form, given the gate weights (see ``_ChunkwiseProducts``).
 
-    Runs per-head bmm calls on strided chunk views of the feature-major inputs (torch.matmul would copy the
-    non-mergeable (B, NH, NC) batch) into contiguous chunk-major buffers from ``alloc``: with a contiguous
+    Runs bmm calls (per head, or one for all, see ``_gemm_batches``) on strided chunk views of the
+    feature-major inputs (torch.matmul would copy the non-mergeable (B, NH, NC) batch) into contiguous chunk-major buffers from ``alloc``: with a contiguous
     result PyTorch hands the whole batch to one MKL batched GEMM, with a strided one it loops over
     single-matrix GEMMs, each a separate (and, under load, slow) thread synchronisation.
     Returns out (B, NH, NC, Dv1, L) and what the backward pass needs: the states entering chunks 1..,
@@ -234,24 +246,24 @@ def _products(q, k, v1, w, sigma, decay, dmat, alloc: Callable) -> tuple[torch.T
     dv1, nc, L = v1.shape[2], dmat.shape[2], dmat.shape[3]
     kg = torch.mul(k, w, out=alloc("cell.kg", k.shape, k))
     qs = torch.mul(q, sigma, out=alloc("cell.qs", q.shape, q))
+    qc, kc, v1c, kgc, qsc = (_chunks(t, nc) for t in (q, k, v1, kg, qs))
     # States are kept as (Dv + 1, D) = V^T K: the inter-chunk product is then a plain NN GEMM.
     states = alloc("cell.states", (bsz, nh, nc, dv1, d), q)
     qk = alloc("cell.qk", (bsz, nh, nc, L, L), q)
     out = alloc("cell.out", (bsz, nh, nc, dv1, L), q)
-    for b in range(bsz):
-        for h in range(nh):
-            torch.bmm(_chunks(v1[b, h], nc), _chunks(kg[b, h], nc).transpose(1, 2), out=states[b, h])
-            torch.bmm(_chunks(q[b, h], nc).transpose(1, 2), _chunks(k[b, h], nc), out=qk[b, h])
+    batches = _gemm_batches(bsz, nh, nc)
+    for sel in batches:
+        torch.bmm(sel(v1c), sel(kgc).transpose(1, 2), out=sel(states))
+        torch.bmm(sel(qc).transpose(1, 2), sel(kc), out=sel(qk))
     per_chunk, carry = states.unbind(2), decay[..., None, None].unbind(2)  # views, indexed once
     for c in range(1, nc - 1):  # states[c] becomes the state after chunk c, i.e. entering chunk c + 1
         per_chunk[c].addcmul_(per_chunk[c - 1], carry[c])
     p = qk.mul_(dmat) if alloc is scratch else qk * dmat
-    for b in range(bsz):
-        for h in range(nh):
-            out[b, h, 0].zero_()
-            if nc > 1:
-                torch.bmm(states[b, h, :-1], _chunks(qs[b, h], nc)[1:], out=out[b, h, 1:])
-            out[b, h].baddbmm_(_chunks(v1[b, h], nc), p[b, h].transpose(1, 2))
+    out[:, :, 0].zero_()  # no state enters the first chunk
+    for sel in batches:
+        if nc > 1:
+            torch.bmm(sel(states)[:-1], sel(qsc)[1:], out=sel(out)[1:])
+        sel(out).baddbmm_(sel(v1c), sel(p).transpose(1, 2))
     return out, states[:, :, :-1], qk, p, kg, qs
 
 
@@ -288,16 +300,15 @@ class _ChunkwiseProducts(torch.autograd.Function):
         dv = v1.new_empty(bsz, nh, nc, dv1, L)
         dp = torch.empty_like(p)
         acc = v1.new_empty(bsz, nh, nc, dv1, d)  # dL/dE_c for c = 1 .. NC - 1 (E_0 = 0 needs none)
-        for b in range(bsz):
-            for h in range(nh):
-                vc = _chunks(v1[b, h], nc)
-                torch.bmm(g[b, h].transpose(1, 2), vc, out=dp[b, h])  # dP = G^T V1
-                torch.bmm(g[b, h], p[b, h], out=dv[b, h])  # intra: dV1 = G P
-                dqs[b, h, 0].zero_()
-                if nc > 1:
-                    qsc = _chunks(qs[b, h], nc)[1:]
-                    torch.bmm(g[b, h, 1:], qsc.transpose(1, 2), out=acc[b, h, 1:])  # dE = G Qs^T
-                    torch.bmm(entering[b, h].transpose(1, 2), g[b, h, 1:], out=dqs[b, h, 1:])  # dQs = E^T G
+        qc, kc, v1c, kgc, qsc = (_chunks(t, nc) for t in (q, k, v1, kg, qs))
+        batches = _gemm_batches(bsz, nh, nc)
+        dqs[:, :, 0].zero_()
+        for sel in batches:
+            torch.bmm(sel(g).transpose(1, 2), sel(v1c), out=sel(dp))  # dP = G^T V1
+            torch.bmm(sel(g), sel(p), out=sel(dv))  # intra: dV1 = G P
+            if nc > 1:
+                torch.bmm(sel(g)[1:], sel(qsc)[1:].transpose(1, 2), out=sel(acc)[1:])  # dE = G Qs^T
+                torch.bmm(sel(entering).transpose(1, 2), sel(g)[1:], out=sel(dqs)[1:])  # dQs = E^T G
         d_dmat = dp * qk
         ds = dp.mul_(dmat)  # gradient of the raw scores Q^T K
         # Reverse the recurrence: acc[c] = dE_c + decay_c acc[c + 1]; then dL/d(V1_c Kg_c^T) = acc[c + 1].
@@ -312,18 +323,16 @@ class _ChunkwiseProducts(torch.autograd.Function):
                         acc[b, h, 2:].view(nc - 2, 1, -1), entering[b, h, :-1].view(nc - 2, -1, 1)
                     )
                     d_decay[b, h, 1:-1] = dots.view(nc - 2)
-        for b in range(bsz):
-            for h in range(nh):
-                qc, kc, vc = _chunks(q[b, h], nc), _chunks(k[b, h], nc), _chunks(v1[b, h], nc)
-                torch.bmm(kc, ds[b, h].transpose(1, 2), out=dq[b, h])  # dQ = K dS^T
-                torch.bmm(qc, ds[b, h], out=dk[b, h])  # dK = Q dS
-                dkg[b, h, -1].zero_()
-                if nc > 1:
-                    torch.bmm(acc[b, h, 1:].transpose(1, 2), vc[:-1], out=dkg[b, h, :-1])  # dKg = dU^T V1
-                    dv[b, h, :-1].baddbmm_(acc[b, h, 1:], _chunks(kg[b, h], nc)[:-1])  # dV1 += dU Kg
-        q_c, k_c, sigma_c, w_c = (_chunks(t, nc) for t in (q, k, sigma, w))
-        d_sigma = _unchunk((dqs * q_c).sum(3, keepdim=True))
-        d_w = _unchunk((dkg * k_c).sum(3, keepdim=True))
+        dkg[:, :, -1].zero_()  # the last chunk's keys feed no later chunk
+        for sel in batches:
+            torch.bmm(sel(kc), sel(ds).transpose(1, 2), out=sel(dq))  # dQ = K dS^T
+            torch.bmm(sel(qc), sel(ds), out=sel(dk))  # dK = Q dS
+            if nc > 1:
+                torch.bmm(sel(acc)[1:].transpose(1, 2), sel(v1c)[:-1], out=sel(dkg)[:-1])  # dKg = dU^T V1
+                sel(dv)[:-1].baddbmm_(sel(acc)[1:], sel(kgc)[:-1])  # dV1 += dU Kg
+        sigma_c, w_c = _chunks(sigma, nc), _chunks(w, nc)
+        d_sigma = _unchunk((dqs * qc).sum(3, keepdim=True))
+        d_w = _unchunk((dkg * kc).sum(3, keepdim=True))
         dq.addcmul_(dqs, sigma_c)
         dk.addcmul_(dkg, w_c)
         return _unchunk(dq), _unchunk(dk), _unchunk(dv), d_w, d_sigma, d_decay, d_dmat
