@@ -1,7 +1,7 @@
 """``seglstm demo``: the main job end to end on the built-in synthetic data, on the CPU, with a report.
 
 1. generate the synthetic LoveDA-like dataset (kept and reused when it is already there and complete);
-2. ``seglstm fit`` with ``configs/demo.yaml`` (a small Seg-LSTM: ViL-T width, UPerNet head, chunkwise mLSTM,
+2. ``seglstm fit`` with ``configs/demo.yaml`` (a small Seg-LSTM: ViL-T width, 8x8 patches, UPerNet head, chunkwise mLSTM,
    the seed's recipe shape on a CPU budget);
 3. ``seglstm test`` of the final checkpoint on the synthetic val split;
 4. a report folder: metrics table, confusion matrix, a grid of predictions next to image and ground truth,
@@ -111,7 +111,7 @@ def _write_report(
     lines = [
         "# seglstm demo report",
         "",
-        f"A small Seg-LSTM (ViL-T-width encoder, UPerNet head, chunkwise mLSTM; `{config}`) trained on the CPU",
+        f"A small Seg-LSTM (ViL-T-width encoder with 8x8 patches, UPerNet head, chunkwise mLSTM; `{config}`) trained on the CPU",
         f"on the built-in synthetic LoveDA-like dataset ({data_spec['n_train']} train / {data_spec['n_val']} val "
         f"images of {data_spec['size']}x{data_spec['size']} under `{data_spec['data']}`), evaluated on its val split.",
         "",
