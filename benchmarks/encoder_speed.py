@@ -50,7 +50,8 @@ def measure(model: str, size: int, device: str, slow: bool) -> dict[str, Any]:
     x = torch.randn(1, 3, size, size, device=dev)
     base = start_memory(dev)
     with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-        seconds = time_call(lambda: net(x), dev, repeats=1 if slow else 3, warmup=0 if slow else 1)
+        # one warm-up call everywhere, so sizes compare like with like; slow configurations time one call
+        seconds = time_call(lambda: net(x), dev, repeats=1 if slow else 3, warmup=1)
     return {"seconds": seconds, "peak_mib": peak_memory_mib(dev, base), "load": os.getloadavg()[0]}
 
 
