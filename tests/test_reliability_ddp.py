@@ -4,6 +4,7 @@ hanging, and under torchrun's elastic restart the job resumes from ``last.ckpt``
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -19,13 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def _ddp_config(tmp_path: Path, timeout_s: float, hang: bool = False) -> Path:
+def _ddp_config(tmp_path: Path, timeout_s: float) -> Path:
     cfg = write_config(tmp_path / "c.yaml", make_synth(tmp_path / "loveda"), tmp_path / "run", max_steps=4)
     doc = yaml.safe_load(cfg.read_text())
     doc["trainer"].update(devices=2, strategy="ddp", ddp_timeout=timeout_s)
-    doc["trainer"]["callbacks"].append(
-        {"class_path": "tests.test_reliability_helpers.DieOnce", "init_args": {"hang": hang}}
-    )
+    doc["trainer"]["callbacks"].append({"class_path": "tests.test_reliability_helpers.DieOnce"})
     cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
     return cfg
 
@@ -49,7 +48,8 @@ def test_a_dead_rank_makes_the_other_fail_instead_of_hanging(tmp_path):
     elapsed = time.monotonic() - start
     assert proc.returncode != 0, proc.stderr[-3000:]
     assert elapsed < 240, f"rank 0 hung for {elapsed:.0f} s"
-    assert "Connection closed by peer" in proc.stderr, proc.stderr[-3000:]
+    # gloo words it either way, depending on whether the peer's socket closed or reset first
+    assert re.search(r"Connection (closed|reset) by peer", proc.stderr), proc.stderr[-3000:]
     assert torch_load(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] in (1, 2)
 
 
