@@ -7,7 +7,8 @@
 4. a report folder: metrics table, confusion matrix, a grid of predictions next to image and ground truth,
    loss / mIoU curves, and ``report.md`` tying them together with the measured times.
 
-``--quick`` runs the same path on a smaller dataset for a few iterations (about 15 seconds on 2 cores), as a smoke check.
+``--quick`` runs the same path on a smaller dataset for a few iterations (about 15 seconds on 2 cores), as a
+smoke check.
 """
 
 from __future__ import annotations
