@@ -522,7 +522,9 @@ class VisionLSTM(nn.Module):
             x = F.pad(x, (0, pad_w, 0, pad_h))
         x = self.pos_embed(self.patch_embed(x))
         b, hp, wp, c = x.shape
-        x = x.reshape(b, hp * wp, c)
+        # The patch conv leaves the tokens channel-major: every LayerNorm would copy them and every residual
+        # add would run strided. One copy here makes the whole trunk token-major.
+        x = x.reshape(b, hp * wp, c).contiguous()
         outs = []
         if torch.is_grad_enabled() or self.training:
             for stage in self.stages:
