@@ -24,7 +24,17 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, peak_memory_mib, print_table, run_isolated, start_memory, time_call, write_json
+from _common import (
+    add_omp_wait_policy,
+    apply_omp_wait_policy,
+    machine,
+    peak_memory_mib,
+    print_table,
+    run_isolated,
+    start_memory,
+    time_call,
+    write_json,
+)
 
 MODELS = {
     "vil_s/chunkwise": ("vil_s", {"mlstm_backend": "chunkwise"}),
@@ -66,15 +76,9 @@ def main() -> None:
         help="largest side for the quadratic backend (its S x S matrices outgrow RAM)",
     )
     parser.add_argument("--out", default=None)
-    parser.add_argument(
-        "--omp-wait-policy",
-        choices=["passive", "active", "inherit"],
-        default="passive",
-        help="OMP_WAIT_POLICY of the measuring processes ('inherit': leave the environment as is)",
-    )
+    add_omp_wait_policy(parser)
     args = parser.parse_args()
-    if args.omp_wait_policy != "inherit":  # read by OpenMP when a spawned child loads torch
-        os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()
+    omp_wait_policy = apply_omp_wait_policy(args.omp_wait_policy)
 
     rows = []
     for size in args.sizes:
@@ -127,7 +131,7 @@ def main() -> None:
         {
             "machine": machine(),
             "device": args.device,
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+            "omp_wait_policy": omp_wait_policy,
             "load_average": os.getloadavg(),
             "rows": rows,
             "ratios": summary,

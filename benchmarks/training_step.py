@@ -4,7 +4,7 @@ the seed's parallel mLSTM backend: forward, loss, backward and an AdamW step at 
     python benchmarks/training_step.py [--steps 3] [--size 512] [--batch 2] [--omp-wait-policy passive]
 
 Prints a table and writes benchmarks/results/encoder_speed_training[_cuda].json. Each backend runs in a
-fresh process (see _common.py), with the same OMP_WAIT_POLICY handling as encoder_speed.py.
+fresh process (see _common.py), with the same OMP_WAIT_POLICY handling as encoder_speed.py (`_common.add_omp_wait_policy`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,16 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, peak_memory_mib, print_table, run_isolated, start_memory, write_json
+from _common import (
+    add_omp_wait_policy,
+    apply_omp_wait_policy,
+    machine,
+    peak_memory_mib,
+    print_table,
+    run_isolated,
+    start_memory,
+    write_json,
+)
 
 BACKENDS = ("chunkwise", "parallel")
 
@@ -71,17 +80,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None)
-    parser.add_argument(
-        "--omp-wait-policy",
-        choices=["passive", "active", "inherit"],
-        default="passive",
-        help="OMP_WAIT_POLICY of the measuring processes ('inherit': leave the environment as is)",
-    )
+    add_omp_wait_policy(parser)
     args = parser.parse_args()
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
-    if args.omp_wait_policy != "inherit":
-        os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()
+    omp_wait_policy = apply_omp_wait_policy(args.omp_wait_policy)
 
     rows = []
     for backend in BACKENDS:
@@ -107,7 +110,7 @@ def main() -> None:
             "model": "seglstm_upernet_s",
             "size": args.size,
             "batch": args.batch,
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+            "omp_wait_policy": omp_wait_policy,
             "rows": rows,
             "chunkwise_over_parallel_steps_per_s": speedup,
         },
