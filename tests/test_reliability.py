@@ -23,7 +23,14 @@ from seglstm.inference.loading import load_segmentor
 from seglstm.models.checkpoint import load_pretrained
 from seglstm.training.callbacks import RunCheckpoint
 from seglstm.training.config import ClassPathError, check_class_paths
-from seglstm.training.faults import NonFiniteGuard, NonFiniteLossError, RunDirectoryError, probe_dir
+from seglstm.training.faults import (
+    ElasticDDPStrategy,
+    NonFiniteGuard,
+    NonFiniteLossError,
+    RunDirectoryError,
+    probe_dir,
+    restart_scoped_store,
+)
 from seglstm.training.task import SegmentationTask
 from seglstm.training.trainer import SegTrainer
 from seglstm.utils.io import CorruptCheckpointError, UnsafeCheckpointError, torch_load
@@ -294,11 +301,31 @@ def test_a_failing_item_in_a_worker_names_file_and_index(tmp_path, synth):
 
 def test_ddp_gets_a_process_group_timeout():
     trainer = SegTrainer(strategy="ddp", accelerator="cpu", devices=2, ddp_timeout=7, logger=False)
-    assert trainer.strategy._timeout == timedelta(seconds=7)
+    assert isinstance(trainer.strategy, ElasticDDPStrategy) and trainer.strategy._timeout == timedelta(seconds=7)
     trainer = SegTrainer(strategy="ddp_spawn", accelerator="cpu", devices=2, logger=False)
     assert trainer.strategy._timeout == timedelta(seconds=1800) and trainer.strategy._start_method == "spawn"
     with pytest.raises(ValueError, match="ddp_timeout must be > 0"):
         SegTrainer(strategy="ddp", accelerator="cpu", devices=2, ddp_timeout=0, logger=False)
+
+
+def test_each_elastic_restart_sees_its_own_keys_in_the_agents_store(monkeypatch):
+    """The elastic agent's store outlives the workers; a restarted rank must not read what the previous
+    attempt's ranks published there (the stale address made gloo's connect fail or hang)."""
+    agent = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, timeout=timedelta(seconds=10))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(agent.port))
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert restart_scoped_store(timedelta(seconds=10)) is None  # not the agent's store: torch's own path
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    first = restart_scoped_store(timedelta(seconds=10))
+    first.set("rank_0", "127.0.0.1:41234")
+    assert restart_scoped_store(timedelta(seconds=10)).get("rank_0") == b"127.0.0.1:41234"  # same attempt
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    second = restart_scoped_store(timedelta(seconds=10))
+    assert not second.check(["rank_0"])
+    second.set("rank_0", "127.0.0.1:50000")
+    assert first.get("rank_0") == b"127.0.0.1:41234"
 
 
 def test_png_decompression_bomb_is_capped(tmp_path):

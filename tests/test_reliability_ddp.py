@@ -53,14 +53,20 @@ def test_a_dead_rank_makes_the_other_fail_instead_of_hanging(tmp_path):
     assert torch_load(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] in (1, 2)
 
 
-def test_torchrun_elastic_restart_resumes_from_last_checkpoint(tmp_path):
+@pytest.mark.parametrize("rendezvous", ["static", "c10d"])
+def test_torchrun_elastic_restart_resumes_from_last_checkpoint(tmp_path, rendezvous):
+    """Both rendezvous backends keep one store across restarts, so this also checks that the restarted ranks
+    do not read the previous attempt's gloo addresses (which failed about one run in two before)."""
     cfg = _ddp_config(tmp_path, timeout_s=60)
     torchrun = Path(sys.executable).with_name("torchrun")
+    port = str(int(_env()["MASTER_PORT"]) + (rendezvous == "c10d"))
+    launch = ["--master-port", port] if rendezvous == "static" else ["--rdzv-backend", "c10d", "--rdzv-endpoint",
+                                                                      f"127.0.0.1:{port}"]  # fmt: skip
     proc = subprocess.run(
-        [str(torchrun), "--nproc-per-node", "2", "--max-restarts", "1", "--master-port", _env()["MASTER_PORT"],
+        [str(torchrun), "--nproc-per-node", "2", "--max-restarts", "1", *launch,
          "-m", "tests.test_reliability_helpers", "fit", "--config", str(cfg),
          "--allow-class-path", "tests.test_reliability_helpers"],
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=500,
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "resuming from" in proc.stderr and "auto-resume" in proc.stderr

@@ -304,7 +304,10 @@ def render(rows: list[str]) -> str:
         "- every run folder is probed for writability and free space (one more checkpoint) before the first step;",
         "- a data item that fails in a DataLoader worker names its file and index;",
         "- DDP: a rank that exits makes the others fail with an error (tested on CPU with gloo); collectives "
-        "are given `trainer.ddp_timeout` seconds (default 1800) before they fail.",
+        "are given `trainer.ddp_timeout` seconds (default 1800) before they fail;",
+        "- torchrun `--max-restarts`: each restart builds its process group under its own keys in the elastic "
+        "agent's store, which outlives the workers and still holds the previous attempt's addresses (tested "
+        "with static and c10d rendezvous).",
         "",
         "| # | area | bad input | what the user sees | outputs |",
         "|---|------|-----------|--------------------|---------|",

@@ -7,7 +7,8 @@
 - :func:`probe_run_dirs`: before the first step, every folder the run will write to must accept a file and
   have room for one more checkpoint, or :class:`RunDirectoryError` says which folder and why.
 - :func:`ddp_strategy`: DDP with a finite process-group timeout, so when one rank dies the others fail with
-  an error instead of waiting forever.
+  an error instead of waiting forever, and whose process group survives torchrun's elastic restarts
+  (:class:`ElasticDDPStrategy`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.distributed import _init_dist_connection
+from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
 from seglstm.utils.io import atomic_path
@@ -165,16 +169,51 @@ def probe_run_dirs(trainer: pl.Trainer, model: torch.nn.Module) -> list[Path]:
     return list(folders)
 
 
+def restart_scoped_store(timeout: timedelta) -> torch.distributed.Store | None:
+    """torchrun's shared store seen under a prefix unique to this restart, or None outside an elastic agent.
+
+    The elastic agent keeps one TCPStore for the whole job (static and c10d rendezvous alike, torch 2.14), and
+    ``init_process_group`` publishes each rank's address there under fixed key names. After a restart, a rank
+    can read the address its peer published in the previous attempt and fail with "Connection refused", or
+    wait for the store timeout. Scoping the keys by ``TORCHELASTIC_RESTART_COUNT`` keeps attempts apart, as
+    torch itself did before 2.4.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or attempt is None:
+        return None
+    store = torch.distributed.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout
+    )
+    return torch.distributed.PrefixStore(f"seglstm/restart_{attempt}", store)
+
+
+class ElasticDDPStrategy(DDPStrategy):
+    """Lightning's DDP whose process group is built on :func:`restart_scoped_store` under torchrun."""
+
+    def setup_distributed(self) -> None:
+        reset_seed()
+        self.set_world_ranks()
+        self._process_group_backend = self._get_process_group_backend()
+        assert self.cluster_environment is not None
+        kwargs: dict[str, Any] = {
+            "timeout": self._timeout,
+            "device_id": self.root_device if self.root_device.type != "cpu" else None,
+        }
+        store = restart_scoped_store(self._timeout)
+        if store is not None:
+            kwargs["store"] = store
+        _init_dist_connection(self.cluster_environment, self._process_group_backend, **kwargs)
+
+
 def ddp_strategy(strategy: Any, timeout_s: float, multi_device: bool) -> Any:
-    """``strategy`` with a process-group timeout when it is (or ``auto`` resolves to) DDP.
+    """``strategy`` as an :class:`ElasticDDPStrategy` with a process-group timeout when it is (or ``auto``
+    resolves to) DDP.
 
     Args:
         strategy: the ``trainer.strategy`` value.
         timeout_s: seconds a collective may wait for the other ranks.
         multi_device: whether ``auto`` would pick DDP (several devices or nodes).
     """
-    from lightning.pytorch.strategies import DDPStrategy
-
     if timeout_s <= 0:
         raise ValueError(f"trainer.ddp_timeout must be > 0 seconds, got {timeout_s}")
     if not isinstance(strategy, str) or strategy not in (*DDP_STRATEGIES, "auto"):
@@ -186,4 +225,4 @@ def ddp_strategy(strategy: Any, timeout_s: float, multi_device: bool) -> Any:
         kwargs["start_method"] = strategy.split("_")[1]
     if strategy == "ddp_find_unused_parameters_true":
         kwargs["find_unused_parameters"] = True
-    return DDPStrategy(**kwargs)
+    return ElasticDDPStrategy(**kwargs)
