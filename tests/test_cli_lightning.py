@@ -208,6 +208,13 @@ def test_resume_mid_epoch_matches_an_uninterrupted_run(tmp_path: Path, synth: Pa
             r"model\.num_classes=6 conflicts with data\.dataset='loveda'.*7 classes",
         ),
         (["--data.root", "/nonexistent/loveda"], r"data\.root: /nonexistent/loveda is not a directory"),
+        (
+            ["--model.max_iters", "null", "--trainer.max_steps", "3"],
+            r"trainer\.max_steps=3 must exceed model\.warmup_iters=2 by at least 2",
+        ),
+        (["--model.max_iters", "5", "--model.warmup_iters", "4"], r"model\.max_iters=5 must exceed"),
+        (["--model.max_iters", "-3"], r"the poly schedule needs model\.max_iters > 0, got -3"),
+        (["--model.warmup_iters", "1"], r"model\.warmup_iters must be 0 \(no warm-up\) or >= 2, got 1"),
     ],
 )
 def test_bad_config_values_fail_before_training(

@@ -1,5 +1,6 @@
-"""DDP on CPU (gloo): a rank that dies makes the survivor fail after ``trainer.ddp_timeout`` instead of
-hanging, and under torchrun's elastic restart the job resumes from ``last.ckpt`` and finishes."""
+"""DDP on CPU (gloo) under the launchers a cluster uses: a rank that dies makes the survivor fail after
+``trainer.ddp_timeout`` instead of hanging, under torchrun's elastic restart the job resumes from ``last.ckpt``
+and finishes, and two tasks started the way ``srun`` starts them form one job."""
 
 from __future__ import annotations
 
@@ -20,11 +21,12 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def _ddp_config(tmp_path: Path, timeout_s: float) -> Path:
+def _ddp_config(tmp_path: Path, timeout_s: float, die: bool = True) -> Path:
     cfg = write_config(tmp_path / "c.yaml", make_synth(tmp_path / "loveda"), tmp_path / "run", max_steps=4)
     doc = yaml.safe_load(cfg.read_text())
     doc["trainer"].update(devices=2, strategy="ddp", ddp_timeout=timeout_s)
-    doc["trainer"]["callbacks"].append({"class_path": "tests.test_reliability_helpers.DieOnce"})
+    if die:
+        doc["trainer"]["callbacks"].append({"class_path": "tests.test_reliability_helpers.DieOnce"})
     cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
     return cfg
 
@@ -70,4 +72,33 @@ def test_torchrun_elastic_restart_resumes_from_last_checkpoint(tmp_path, rendezv
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "resuming from" in proc.stderr and "auto-resume" in proc.stderr
+    assert torch_load(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 4
+
+
+def test_two_tasks_started_like_srun_form_one_slurm_job(tmp_path):
+    """What ``srun --ntasks-per-node=2 seglstm fit ...`` gives each task: Lightning's SLURM environment
+    takes rank and world size from it, and nothing is spawned on top."""
+    cfg = _ddp_config(tmp_path, timeout_s=60, die=False)
+    env = {k: v for k, v in _env().items() if k not in ("MASTER_PORT", "MASTER_ADDR")}
+    job_id = str(int(_env()["MASTER_PORT"]) - 29500 + 7000)  # Lightning's port: 15000 + last 4 digits
+    env.update(SLURM_JOB_ID=job_id, SLURM_JOB_NAME="seglstm", SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="2",
+               SLURM_NNODES="1", SLURM_NODEID="0", SLURM_NODELIST="localhost")  # fmt: skip
+    cmd = [sys.executable, "-m", "tests.test_reliability_helpers", "fit", "--config", str(cfg),
+           "--allow-class-path", "tests.test_reliability_helpers"]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
+    logs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    for rank in (0, 1):
+        assert f"GLOBAL_RANK: {rank}, MEMBER: {rank + 1}/2" in logs[rank]
+    assert "Starting with 2 processes" in logs[0]
     assert torch_load(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 4

@@ -36,6 +36,7 @@ from seglstm.data.io import DataError
 from seglstm.training.callbacks import SegPredictionWriter, TestReportWriter
 from seglstm.training.config import ConfigError, check_class_paths, compose_config, has_bases
 from seglstm.training.faults import NonFiniteLossError, RunDirectoryError
+from seglstm.training.optim import check_schedule
 from seglstm.training.task import SegmentationTask
 from seglstm.training.trainer import SegTrainer
 from seglstm.utils.io import CheckpointLoadError, atomic_write_text, torch_load
@@ -226,6 +227,7 @@ class SegLightningCLI(LightningCLI):
         self._link_num_classes(cfg)
         root = self._run_root()
         if sub == "fit":
+            self._check_schedule(cfg)
             print(
                 f"seglstm fit: run folder {root} (checkpoints/, logs/version_N/, config.yaml)",
                 file=sys.stderr,
@@ -236,6 +238,21 @@ class SegLightningCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except (ValueError, FileNotFoundError) as err:
+            raise ConfigValueError(str(err)) from err
+
+    @staticmethod
+    def _check_schedule(cfg: Namespace) -> None:
+        """Schedule lengths are checked here so a bad one fails before DDP starts (and a torchrun restart)."""
+        model = cfg.model
+        own = model.get("max_iters") is not None
+        try:
+            check_schedule(
+                model.max_iters if own else cfg.trainer.get("max_steps"),
+                model.warmup_iters,
+                "model.max_iters" if own else "trainer.max_steps",
+                "model.warmup_iters",
+            )
+        except ValueError as err:
             raise ConfigValueError(str(err)) from err
 
     @staticmethod

@@ -55,6 +55,21 @@ def build_adamw(
     return torch.optim.AdamW(param_groups(model, weight_decay, no_decay_keys), lr=lr, betas=betas)
 
 
+def check_schedule(
+    max_iters: int | None,
+    warmup_iters: int,
+    max_key: str = "max_iters",
+    warmup_key: str = "warmup_iters",
+) -> None:
+    """The lengths :class:`WarmupPoly` accepts; the CLI runs it before any process starts, naming its keys."""
+    if max_iters is None or max_iters <= 0:
+        raise ValueError(f"the poly schedule needs {max_key} > 0, got {max_iters}")
+    if warmup_iters == 1 or warmup_iters < 0:
+        raise ValueError(f"{warmup_key} must be 0 (no warm-up) or >= 2, got {warmup_iters}")
+    if max_iters < warmup_iters + 2:
+        raise ValueError(f"{max_key}={max_iters} must exceed {warmup_key}={warmup_iters} by at least 2")
+
+
 class WarmupPoly:
     """LR factor at iteration ``t``: mmengine's LinearLR(begin=0, end=W) then PolyLR(begin=W, end=T).
 
@@ -73,10 +88,7 @@ class WarmupPoly:
         power: float = 1.0,
         min_ratio: float = 0.0,
     ) -> None:
-        if warmup_iters == 1 or warmup_iters < 0:
-            raise ValueError(f"warmup_iters must be 0 (no warm-up) or >= 2, got {warmup_iters}")
-        if max_iters < warmup_iters + 2:
-            raise ValueError(f"max_iters={max_iters} must exceed warmup_iters={warmup_iters} by at least 2")
+        check_schedule(max_iters, warmup_iters)
         if not 0.0 < warmup_ratio <= 1.0:
             raise ValueError(f"warmup_ratio must be in (0, 1], got {warmup_ratio}")
         self.max_iters = int(max_iters)

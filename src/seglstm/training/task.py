@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from seglstm.metrics import MEAN_KEYS, SegmentationMetrics
 from seglstm.models.registry import create_model, list_models
-from seglstm.training.optim import NO_DECAY_KEYS, build_adamw, build_warmup_poly
+from seglstm.training.optim import NO_DECAY_KEYS, build_adamw, build_warmup_poly, check_schedule
 from seglstm.training.reports import format_metrics_table
 
 META_KEY = "seglstm_meta"
@@ -206,8 +206,7 @@ class SegmentationTask(LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         max_iters = hp.max_iters if hp.max_iters is not None else self.trainer.max_steps
-        if max_iters is None or max_iters <= 0:
-            raise ValueError("the poly schedule needs trainer.max_steps (or model.max_iters) > 0")
+        check_schedule(max_iters, hp.warmup_iters, "trainer.max_steps (or model.max_iters)", "model.warmup_iters")
         optimizer = build_adamw(self.model, hp.lr, tuple(hp.betas), hp.weight_decay, tuple(hp.no_decay_keys))
         scheduler = build_warmup_poly(
             optimizer, max_iters, hp.warmup_iters, hp.warmup_ratio, hp.power, hp.eta_min
@@ -300,12 +299,13 @@ class SegmentationTask(LightningModule):
     # -- epoch ends ----------------------------------------------------------------------------------------
 
     def _log_results(self, prefix: str, results: dict[str, Any]) -> None:
-        # The states are already summed over ranks by torchmetrics; every rank logs the same numbers.
-        self.log(f"{prefix}/mIoU", float(results["mIoU"]), prog_bar=True)
+        # torchmetrics already summed the states over ranks, so every rank holds the same numbers; sync_dist
+        # averages equal values (a no-op) and tells Lightning they are global, which it otherwise warns about.
+        self.log(f"{prefix}/mIoU", float(results["mIoU"]), prog_bar=True, sync_dist=True)
         scalars = {f"{prefix}/{k}": float(results[k]) for k in MEAN_KEYS if k != "mIoU"}
         for name, iou in zip(self.class_names, results["IoU"].tolist()):
             scalars[f"{prefix}/IoU.{_metric_name(name)}"] = float(iou)
-        self.log_dict(scalars)
+        self.log_dict(scalars, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         results = self.val_metrics.compute()
