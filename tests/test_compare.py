@@ -395,9 +395,8 @@ def test_compare_reuse_keeps_finished_models(tiny_study, capsys):
     _, out, _, args = tiny_study
     finished = ("seglstm_upernet_t", "deeplabv3plus_r18")
     before = {m: (out / m / "result.json").read_text() for m in finished}
-    started = time.perf_counter()
     assert compare_main([*args, "--reuse"]) == 1  # the failed model is tried again, and fails again
-    assert time.perf_counter() - started < 60  # nothing trained or timed again
+    # nothing trained or timed again: a rerun would change the measured speeds in result.json
     assert {m: (out / m / "result.json").read_text() for m in finished} == before
     printed = capsys.readouterr().out
     assert all(f"compare: {m}: reusing" in printed for m in finished)
