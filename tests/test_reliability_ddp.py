@@ -55,20 +55,25 @@ def test_a_dead_rank_makes_the_other_fail_instead_of_hanging(tmp_path):
     assert torch_load(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] in (1, 2)
 
 
-@pytest.mark.parametrize("rendezvous", ["static", "c10d"])
+@pytest.mark.parametrize("rendezvous", ["static", "c10d", "c10d_store_per_round"])
 def test_torchrun_elastic_restart_resumes_from_last_checkpoint(tmp_path, rendezvous):
-    """Both rendezvous backends keep one store across restarts, so this also checks that the restarted ranks
-    do not read the previous attempt's gloo addresses (which failed about one run in two before)."""
+    """static and c10d keep one store across restarts, so this also checks that the restarted ranks do not
+    read the previous attempt's gloo addresses (which failed about one run in two before); the third case is
+    the README's multi-node setting, where torch builds a new store for every rendezvous round."""
     cfg = _ddp_config(tmp_path, timeout_s=60)
     torchrun = Path(sys.executable).with_name("torchrun")
-    port = str(int(_env()["MASTER_PORT"]) + (rendezvous == "c10d"))
-    launch = ["--master-port", port] if rendezvous == "static" else ["--rdzv-backend", "c10d", "--rdzv-endpoint",
-                                                                      f"127.0.0.1:{port}"]  # fmt: skip
+    env = _env()
+    port = str(int(env["MASTER_PORT"]) + (rendezvous != "static"))
+    launch = ["--master-port", port]
+    if rendezvous != "static":
+        launch = ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}"]
+    if rendezvous == "c10d_store_per_round":
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     proc = subprocess.run(
         [str(torchrun), "--nproc-per-node", "2", "--max-restarts", "1", *launch,
          "-m", "tests.test_reliability_helpers", "fit", "--config", str(cfg),
          "--allow-class-path", "tests.test_reliability_helpers"],
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "resuming from" in proc.stderr and "auto-resume" in proc.stderr
