@@ -38,15 +38,19 @@ def _env() -> dict[str, str]:
     return env
 
 
+def _fit_args(cfg: Path) -> list[str]:
+    """``seglstm fit`` with the helpers' registered model, as each launcher starts it (after ``python``)."""
+    return ["-m", "tests.test_reliability_helpers", "fit", "--config", str(cfg),
+            "--allow-class-path", "tests.test_reliability_helpers"]  # fmt: skip
+
+
 def test_a_dead_rank_makes_the_other_fail_instead_of_hanging(tmp_path):
     """A rank that exits closes its gloo connection, and the survivor fails with an error."""
     cfg = _ddp_config(tmp_path, timeout_s=20)
     start = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.test_reliability_helpers", "fit", "--config", str(cfg),
-         "--allow-class-path", "tests.test_reliability_helpers"],
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [sys.executable, *_fit_args(cfg)], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300
+    )
     elapsed = time.monotonic() - start
     assert proc.returncode != 0, proc.stderr[-3000:]
     assert elapsed < 240, f"rank 0 hung for {elapsed:.0f} s"
@@ -70,9 +74,7 @@ def test_torchrun_elastic_restart_resumes_from_last_checkpoint(tmp_path, rendezv
     if rendezvous == "c10d_store_per_round":
         env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     proc = subprocess.run(
-        [str(torchrun), "--nproc-per-node", "2", "--max-restarts", "1", *launch,
-         "-m", "tests.test_reliability_helpers", "fit", "--config", str(cfg),
-         "--allow-class-path", "tests.test_reliability_helpers"],
+        [str(torchrun), "--nproc-per-node", "2", "--max-restarts", "1", *launch, *_fit_args(cfg)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -84,24 +86,23 @@ def test_two_tasks_started_like_srun_form_one_slurm_job(tmp_path):
     """What ``srun --ntasks-per-node=2 seglstm fit ...`` gives each task: Lightning's SLURM environment
     takes rank and world size from it, and nothing is spawned on top."""
     cfg = _ddp_config(tmp_path, timeout_s=60, die=False)
-    env = {k: v for k, v in _env().items() if k not in ("MASTER_PORT", "MASTER_ADDR")}
-    job_id = str(int(_env()["MASTER_PORT"]) - 29500 + 7000)  # Lightning's port: 15000 + last 4 digits
+    base = _env()
+    env = {k: v for k, v in base.items() if k not in ("MASTER_PORT", "MASTER_ADDR")}
+    job_id = str(int(base["MASTER_PORT"]) - 29500 + 7000)  # Lightning's port: 15000 + last 4 digits
     env.update(SLURM_JOB_ID=job_id, SLURM_JOB_NAME="seglstm", SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="2",
                SLURM_NNODES="1", SLURM_NODEID="0", SLURM_NODELIST="localhost")  # fmt: skip
-    cmd = [sys.executable, "-m", "tests.test_reliability_helpers", "fit", "--config", str(cfg),
-           "--allow-class-path", "tests.test_reliability_helpers"]  # fmt: skip
-    procs = [
-        subprocess.Popen(
-            cmd,
-            cwd=ROOT,
-            env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in (0, 1)
-    ]
-    logs = [p.communicate(timeout=300)[1] for p in procs]
+    # logs go to files: a full pipe would stall one rank inside a collective while the other is read
+    log_files = [tmp_path / f"task{r}.log" for r in (0, 1)]
+    procs = []
+    for r, log_file in enumerate(log_files):
+        with log_file.open("w") as log:
+            procs.append(subprocess.Popen(
+                [sys.executable, *_fit_args(cfg)], cwd=ROOT,
+                env={**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)}, stdout=log, stderr=log,
+            ))  # fmt: skip
+    for proc in procs:
+        proc.wait(timeout=300)
+    logs = [f.read_text() for f in log_files]
     assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
     for rank in (0, 1):
         assert f"GLOBAL_RANK: {rank}, MEMBER: {rank + 1}/2" in logs[rank]
