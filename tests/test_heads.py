@@ -292,3 +292,26 @@ def test_multilevel_neck_broadcasts_one_input_and_checks_lengths():
         MultiLevelNeck([4, 4, 4], 8, scales=(2, 1))
     with pytest.raises(ValueError, match="expects 1 maps"):
         neck([torch.randn(1, 4, 5, 6)] * 2)
+
+
+def test_build_head_reads_widths_by_in_index_and_names_bad_input():
+    from seglstm.models.heads import build_auxiliary_head, build_head, split_overrides
+
+    widths = [24, 48, 96, 192]
+    uper = build_head("upernet", widths, K, in_index=(1, 2, 3), channels=32, pool_scales=(1, 2))
+    assert isinstance(uper, UPerHead) and uper.in_channels == [48, 96, 192]
+    dlv3p = build_head("deeplabv3plus", widths, K, in_index=3, channels=16, dilations=(1, 2), c1_channels=8)
+    assert dlv3p.in_channels == 192 and dlv3p.c1_bottleneck.conv.in_channels == 24  # low level from map 0
+    fcn = build_head("fcn", widths, K, in_index=(0, 1), input_transform="resize_concat", channels_from_inputs=True,
+                     kernel_size=1, num_convs=1, concat_input=False)  # fmt: skip
+    assert fcn.channels == 24 + 48
+    aux = build_auxiliary_head(widths, K, in_index=-2, channels=8, num_convs=1, concat_input=False)
+    assert isinstance(aux, FCNHead) and aux.in_channels == 96
+    with pytest.raises(ValueError, match="unknown decode head 'segformer'"):
+        build_head("segformer", widths, K, in_index=0)
+    with pytest.raises(ValueError, match=r"apcnet head in_index 4 is out of range for 4 feature maps"):
+        build_head("apcnet", widths, K, in_index=4)
+    with pytest.raises(ValueError, match=r"auxiliary in_index \[1, 7\] is out of range"):
+        build_auxiliary_head(widths, K, in_index=[1, 7])
+    head_kw, encoder_kw = split_overrides(ASPPHead, {"dilations": (1, 6), "dropout_ratio": 0.0, "depths": [1, 1]})
+    assert head_kw == {"dilations": (1, 6), "dropout_ratio": 0.0} and encoder_kw == {"depths": [1, 1]}

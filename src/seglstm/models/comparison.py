@@ -23,55 +23,19 @@ timm's ``hrnet_w18_small_v2``, whose widths (18/36/72/144) and block counts are 
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import nn
 
 from seglstm.models import mamba  # noqa: F401  (registers the vmamba_* encoders used below)
-from seglstm.models.heads import BaseDecodeHead, DepthwiseSeparableASPPHead, FCNHead, PSPHead, UPerHead
+from seglstm.models.heads import HEAD_TYPES, build_auxiliary_head, build_head, split_overrides
 from seglstm.models.necks import MultiLevelNeck
 from seglstm.models.registry import create_encoder, register_model
 from seglstm.models.segmentor import EncoderDecoder
 from seglstm.models.timm_encoders import TimmEncoder
 
 __all__ = ["COMPARISON_MODELS"]
-
-_HEADS: dict[str, type[BaseDecodeHead]] = {
-    "psp": PSPHead,
-    "deeplabv3plus": DepthwiseSeparableASPPHead,
-    "fcn": FCNHead,
-    "upernet": UPerHead,
-}
-
-
-def _head_arg_names(head_cls: type[BaseDecodeHead]) -> set[str]:
-    names: set[str] = set()
-    for cls in head_cls.__mro__:
-        if issubclass(cls, BaseDecodeHead):
-            names |= set(inspect.signature(cls.__init__).parameters)
-    return names - {"self", "kwargs", "in_channels", "num_classes"}
-
-
-def _build_decode_head(
-    kind: str, widths: list[int], num_classes: int, cfg: Mapping[str, Any]
-) -> BaseDecodeHead:
-    """Instantiate a decode head, reading its input widths from the encoder (or neck) output widths."""
-    cfg = dict(cfg)
-    index = cfg["in_index"]
-    picks = list(index) if isinstance(index, (list, tuple)) else [index]
-    bad = [i for i in picks if not -len(widths) <= i < len(widths)]
-    if bad:
-        raise ValueError(f"{kind} head in_index {index} is out of range for {len(widths)} feature maps")
-    chosen = [widths[i] for i in picks]
-    if kind == "deeplabv3plus":
-        cfg.setdefault("c1_in_channels", widths[0])
-    if cfg.pop("channels_from_inputs", False):  # mmseg's fcn_hr*: head width = concatenated branch widths
-        cfg["channels"] = sum(chosen)
-    in_channels = chosen if isinstance(index, (list, tuple)) else chosen[0]
-    return _HEADS[kind](in_channels, num_classes=num_classes, **cfg)
-
 
 def _create_comparison(
     encoder: Callable[..., nn.Module],
@@ -97,7 +61,7 @@ def _create_comparison(
 
     Args:
         encoder / encoder_cfg: encoder factory and the preset's arguments for it.
-        head / head_cfg: a key of ``_HEADS`` and the preset's mmseg head settings.
+        head / head_cfg: a key of ``HEAD_TYPES`` and the preset's mmseg head settings.
         num_classes: classes of both heads.
         neck_cfg: ``MultiLevelNeck`` settings (``out_channels``, ``scales``), or None for no neck.
         aux_cfg: the auxiliary ``FCNHead`` settings; None means the preset has none (mmseg's fcn_hr*).
@@ -108,11 +72,11 @@ def _create_comparison(
         **overrides: arguments of the decode head's constructor (``channels``, ``dropout_ratio`` ...) go to the
             decode head, all others to the encoder (``drop_path_rate``, ``img_size``, ``depths`` ...).
     """
-    head_names = _head_arg_names(_HEADS[head])
-    head_kw = {**head_cfg, **{k: v for k, v in overrides.items() if k in head_names}}
-    if "channels" in head_kw and "channels" in overrides:
+    head_over, encoder_over = split_overrides(HEAD_TYPES[head], overrides)
+    head_kw = {**head_cfg, **head_over}
+    if "channels" in head_over:  # a width the user gives wins over mmseg's fcn_hr* rule
         head_kw.pop("channels_from_inputs", None)
-    encoder_kw = {**encoder_cfg, **{k: v for k, v in overrides.items() if k not in head_names}}
+    encoder_kw = {**encoder_cfg, **encoder_over}
     backbone = encoder(pretrained=pretrained, **encoder_kw)
 
     widths = [int(c) for c in backbone.out_channels]
@@ -126,15 +90,11 @@ def _create_comparison(
             **neck_kw,
         )
         widths = list(neck.out_channels)
-    decode_head = _build_decode_head(head, widths, num_classes, head_kw)
+    decode_head = build_head(head, widths, num_classes, **head_kw)
 
     aux_head = None
     if auxiliary and aux_cfg is not None:
-        aux = dict(aux_cfg)
-        aux_index = aux["in_index"]
-        if not -len(widths) <= aux_index < len(widths):
-            raise ValueError(f"auxiliary in_index {aux_index} is out of range for {len(widths)} feature maps")
-        aux_head = FCNHead(widths[aux_index], num_classes=num_classes, **aux)
+        aux_head = build_auxiliary_head(widths, num_classes, **aux_cfg)
     return EncoderDecoder(
         backbone,
         decode_head,

@@ -8,38 +8,21 @@ seed's (512 / 256) and input widths are read from the encoder (or neck) ``out_ch
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections.abc import Mapping
 from typing import Any
 
-from seglstm.models.heads import (
-    ANNHead,
-    APCHead,
-    ASPPHead,
-    BaseDecodeHead,
-    DepthwiseSeparableASPPHead,
-    FCNHead,
-    UPerHead,
-)
+from seglstm.models.heads import HEAD_TYPES, BaseDecodeHead, build_auxiliary_head, build_head, split_overrides
 from seglstm.models.necks import MultiLevelNeck
 from seglstm.models.registry import create_encoder, register_model
 from seglstm.models.segmentor import EncoderDecoder
 
-__all__ = ["HEADS", "NECKS", "build_head"]
+__all__ = ["HEADS", "NECKS"]
 
-HEADS: dict[str, type[BaseDecodeHead]] = {
-    "upernet": UPerHead,
-    "ann": ANNHead,
-    "apcnet": APCHead,
-    "deeplabv3": ASPPHead,
-    "deeplabv3plus": DepthwiseSeparableASPPHead,
-    "fcn": FCNHead,
-}
 NECKS = ("none", "multilevel")
 _NECK_SCALES = (4, 2, 1, 0.5)  # four 1/16 maps -> 1/4, 1/8, 1/16, 1/32
 
-# The seed's decode-head settings (DESIGN.md section 1) beyond channels/dropout/align_corners.
+# The seed's decode-head settings (docs/design.md, section 5) beyond channels/dropout/align_corners.
 _HEAD_DEFAULTS: dict[str, dict[str, Any]] = {
     "upernet": dict(in_index=(0, 1, 2, 3), pool_scales=(1, 2, 3, 6)),
     "ann": dict(in_index=(2, 3), project_channels=256, query_scales=(1,), key_pool_scales=(1, 3, 6, 8)),
@@ -49,38 +32,8 @@ _HEAD_DEFAULTS: dict[str, dict[str, Any]] = {
     "fcn": dict(in_index=3, num_convs=2, concat_input=True),
 }
 _AUX_DEFAULTS: dict[str, Any] = dict(in_index=2, channels=256, num_convs=1, concat_input=False, dropout_ratio=0.1)
-
-
-def build_head(
-    kind: str, in_channels: list[int], num_classes: int, channels: int = 512, **overrides: Any
-) -> BaseDecodeHead:
-    """Build one of ``HEADS`` with the seed's settings, taking its input widths from ``in_channels`` (one
-    entry per encoder/neck output)."""
-    if kind not in HEADS:
-        raise ValueError(f"unknown decode head {kind!r}; known: {', '.join(HEADS)}")
-    cfg: dict[str, Any] = dict(_HEAD_DEFAULTS[kind], channels=channels, num_classes=num_classes, **overrides)
-    index = cfg["in_index"]
-    picks = list(index) if isinstance(index, (list, tuple)) else [index]
-    for i in picks:
-        if not -len(in_channels) <= i < len(in_channels):
-            raise ValueError(f"{kind} head in_index {index} is out of range for {len(in_channels)} feature maps")
-    widths = [in_channels[i] for i in picks]
-    cfg["in_channels"] = widths if isinstance(index, (list, tuple)) else widths[0]
-    if kind == "deeplabv3plus":
-        cfg.setdefault("c1_in_channels", in_channels[0])
-    return HEADS[kind](**cfg)
-
-
-def _split_overrides(head_cls: type[BaseDecodeHead], overrides: Mapping[str, Any]) -> tuple[dict, dict]:
-    """Send the keyword arguments that the head's (or its bases') constructor names to the head, the
-    rest to the encoder."""
-    names: set[str] = set()
-    for cls in head_cls.__mro__:
-        if issubclass(cls, BaseDecodeHead):
-            names |= set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs", "in_channels"}
-    head = {k: v for k, v in overrides.items() if k in names}
-    encoder = {k: v for k, v in overrides.items() if k not in names}
-    return head, encoder
+# The heads a Seg-LSTM preset may use: the seed's five and a plain FCN.
+HEADS: dict[str, type[BaseDecodeHead]] = {kind: HEAD_TYPES[kind] for kind in _HEAD_DEFAULTS}
 
 
 def _create_seglstm(
@@ -122,21 +75,17 @@ def _create_seglstm(
         raise ValueError(f"neck must be one of {NECKS}, got {neck!r}")
     if head not in HEADS:
         raise ValueError(f"unknown decode head {head!r}; known: {', '.join(HEADS)}")
-    head_kw, encoder_kw = _split_overrides(HEADS[head], overrides)
+    head_kw, encoder_kw = split_overrides(HEADS[head], overrides)
     backbone = create_encoder(encoder, **encoder_kw)
     widths = list(backbone.out_channels)
     if neck == "multilevel":
         widths = [neck_channels or widths[-1]] * len(_NECK_SCALES)
     elif neck_channels is not None:
         raise ValueError("neck_channels only applies to neck='multilevel'")
-    decode_head = build_head(head, widths, num_classes, **head_kw)
+    decode_head = build_head(head, widths, num_classes, **{**_HEAD_DEFAULTS[head], "channels": 512, **head_kw})
     aux_head = None
     if auxiliary:
-        aux = dict(_AUX_DEFAULTS, **(aux_cfg or {}))
-        aux_index = aux["in_index"]
-        if not -len(widths) <= aux_index < len(widths):
-            raise ValueError(f"auxiliary in_index {aux_index} is out of range for {len(widths)} feature maps")
-        aux_head = FCNHead(widths[aux_index], num_classes=num_classes, **aux)
+        aux_head = build_auxiliary_head(widths, num_classes, **{**_AUX_DEFAULTS, **(aux_cfg or {})})
     elif aux_cfg:
         raise ValueError("aux_cfg given with auxiliary=False")
     neck_module = None

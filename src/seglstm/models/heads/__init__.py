@@ -4,6 +4,7 @@ from seglstm.models.heads.ann_head import AFNB, APNB, ANNHead
 from seglstm.models.heads.apc_head import ACM, APCHead
 from seglstm.models.heads.aspp_head import ASPPHead, DepthwiseSeparableASPPHead
 from seglstm.models.heads.base import PPM, BaseDecodeHead, ConvModule, DepthwiseSeparableConvModule, resize
+from seglstm.models.heads.build import HEAD_TYPES, build_auxiliary_head, build_head, split_overrides
 from seglstm.models.heads.fcn_head import FCNHead
 from seglstm.models.heads.psp_head import PSPHead
 from seglstm.models.heads.uper_head import UPerHead
@@ -12,6 +13,7 @@ __all__ = [
     "ACM",
     "AFNB",
     "APNB",
+    "HEAD_TYPES",
     "PPM",
     "ANNHead",
     "APCHead",
@@ -23,5 +25,8 @@ __all__ = [
     "FCNHead",
     "PSPHead",
     "UPerHead",
+    "build_auxiliary_head",
+    "build_head",
     "resize",
+    "split_overrides",
 ]
