@@ -297,3 +297,19 @@ def test_collate_pads_mixed_sizes() -> None:
     assert batch["path"] == ["a", "b"]
     with pytest.raises(ValueError, match="some samples have a mask"):
         collate([samples[0], {k: v for k, v in samples[1].items() if k != "mask"}])
+
+
+def test_colorize_maps_ids_through_the_palette_and_blacks_out_the_rest():
+    from seglstm.data.base import colorize
+
+    rng = np.random.default_rng(3)
+    palette = rng.integers(1, 256, (4, 3)).tolist()
+    mask = rng.choice([0, 1, 2, 3, 7, 255], size=(5, 6))
+    got = colorize(mask, palette)
+    assert got.shape == (5, 6, 3) and got.dtype == np.uint8
+    for (r, c), v in np.ndenumerate(mask):
+        want = palette[v] if v < len(palette) else [0, 0, 0]  # 7: beyond the palette, 255: ignored
+        assert got[r, c].tolist() == want
+    assert colorize(np.full((2, 2), 1), palette, ignore_index=1).sum() == 0
+    with pytest.raises(ValueError, match=r"0\.\.255.*-1\.\.3"):
+        colorize(np.array([[-1, 3]]), palette)

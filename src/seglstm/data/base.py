@@ -319,11 +319,14 @@ def _display_image(image: torch.Tensor) -> np.ndarray:
 
 
 def colorize(mask: np.ndarray, palette: Sequence[Sequence[int]], ignore_index: int = 255) -> np.ndarray:
-    """Train-id mask -> ``H x W x 3`` uint8 colours; ignored pixels black."""
+    """Train-id mask -> ``H x W x 3`` uint8 colours; ignored pixels and ids beyond the palette black."""
+    mask = np.asarray(mask)
+    if mask.size and (mask.min() < 0 or mask.max() > 255):
+        raise ValueError(f"mask values must be in 0..255 to colourise, got {mask.min()}..{mask.max()}")
     table = np.zeros((256, 3), dtype=np.uint8)
     table[: len(palette)] = np.asarray(palette, dtype=np.uint8)
     table[ignore_index] = 0
-    return table[np.clip(mask, 0, 255).astype(np.int64)]
+    return table[mask.astype(np.int64)]
 
 
 def plot_sample(

@@ -20,10 +20,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
+from seglstm.data.base import colorize
 from seglstm.metrics import MEAN_KEYS, PER_CLASS_KEYS
 from seglstm.utils.io import atomic_path, atomic_write_bytes, atomic_write_text
-
-IGNORE_COLOR = (0, 0, 0)
 
 
 def _pct(value: float) -> str:
@@ -147,17 +146,6 @@ def write_metrics_report(
         results["confusion_matrix_normalized"], class_names, paths["confusion_matrix"], title
     )
     return paths
-
-
-def colorize(mask: np.ndarray, palette: Sequence[Sequence[int]]) -> np.ndarray:
-    """(H, W) class indices -> (H, W, 3) uint8 colours; values outside the palette (255) are black."""
-    lut = np.zeros((256, 3), np.uint8)
-    lut[:] = IGNORE_COLOR
-    lut[: len(palette)] = np.asarray(palette, np.uint8)
-    mask = np.asarray(mask)
-    if mask.min(initial=0) < 0 or mask.max(initial=0) > 255:
-        raise ValueError(f"mask values must be in 0..255 to colourise, got {mask.min()}..{mask.max()}")
-    return lut[mask.astype(np.uint8)]
 
 
 def overlay(image: np.ndarray, color: np.ndarray, alpha: float = 0.5) -> np.ndarray:
