@@ -1,100 +1,20 @@
-"""Shared measurement helpers for the benchmark scripts.
+"""What the benchmark scripts share beyond the measurements: the OpenMP wait-policy option, the printed
+table and the JSON file.
 
-Each measurement runs in a fresh child process so that peak memory is the child's own high-water mark
-(ru_maxrss on CPU, max_memory_allocated on CUDA) and one configuration cannot inflate the next.
+The measurements themselves (``time_call``, ``run_isolated``, ``memory_baseline``/``peak_memory_mib``,
+``machine_info``) are ``seglstm.study.measure``, the code ``seglstm compare`` measures with: every
+configuration runs in a fresh child process, so peak memory is that child's own and one configuration
+cannot inflate the next.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
-import platform
-import resource
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import torch
-
-
-def machine() -> dict[str, Any]:
-    info = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_call(fn: Callable[[], Any], device: torch.device, repeats: int = 3, warmup: int = 1) -> float:
-    """Median wall time of ``fn`` in seconds after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def _child(conn, job: Callable[..., dict[str, Any]], kwargs: dict[str, Any]) -> None:
-    try:
-        torch.manual_seed(0)
-        conn.send(job(**kwargs))
-    except Exception as err:  # report, do not hang the parent
-        conn.send({"error": f"{type(err).__name__}: {err}"})
-    finally:
-        conn.close()
-
-
-def run_isolated(job: Callable[..., dict[str, Any]], timeout: float = 1800, **kwargs: Any) -> dict[str, Any]:
-    """Run ``job(**kwargs)`` in a spawned process and return its result dict (or an ``error`` entry)."""
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(child, job, kwargs))
-    proc.start()
-    child.close()
-    result = parent.recv() if parent.poll(timeout) else {"error": f"timed out after {timeout}s"}
-    proc.join(5)
-    if proc.is_alive():
-        proc.kill()
-    if proc.exitcode not in (0, None) and "error" not in result:
-        result = {"error": f"child exited with {proc.exitcode} (out of memory?)"}
-    return result
-
-
-def peak_memory_mib(device: torch.device, baseline_rss: float) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return _rss_mib() - baseline_rss
-
-
-def start_memory(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        return 0.0
-    return _rss_mib()
 
 
 def add_omp_wait_policy(parser: argparse.ArgumentParser) -> None:

@@ -24,17 +24,9 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (
-    add_omp_wait_policy,
-    apply_omp_wait_policy,
-    machine,
-    peak_memory_mib,
-    print_table,
-    run_isolated,
-    start_memory,
-    time_call,
-    write_json,
-)
+from _common import add_omp_wait_policy, apply_omp_wait_policy, print_table, write_json
+
+from seglstm.study.measure import machine_info, memory_baseline, peak_memory_mib, run_isolated, time_call
 
 MODELS = {
     "vil_s/chunkwise": ("vil_s", {"mlstm_backend": "chunkwise"}),
@@ -58,7 +50,7 @@ def measure(model: str, size: int, device: str, slow: bool) -> dict[str, Any]:
     name, kwargs = MODELS[model]
     net = build(name, kwargs).to(dev).eval()
     x = torch.randn(1, 3, size, size, device=dev)
-    base = start_memory(dev)
+    base = memory_baseline(dev)
     with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
         # one warm-up call everywhere, so sizes compare like with like; slow configurations time one call
         seconds = time_call(lambda: net(x), dev, repeats=1 if slow else 3, warmup=1)
@@ -87,7 +79,7 @@ def main() -> None:
                 rows.append({"model": model, "side": size, "note": "skipped: quadratic memory"})
                 continue
             slow = size >= 2048 or (model.endswith("parallel") and size >= 1024)
-            res = run_isolated(measure, model=model, size=size, device=args.device, slow=slow)
+            res = run_isolated(measure, timeout=1800, model=model, size=size, device=args.device, slow=slow)
             rows.append({"model": model, "side": size, **res})
             print(f"{model:>18} {size:>5}: {res}", flush=True)
 
@@ -129,7 +121,7 @@ def main() -> None:
     write_json(
         out,
         {
-            "machine": machine(),
+            "machine": machine_info(),
             "device": args.device,
             "omp_wait_policy": omp_wait_policy,
             "load_average": os.getloadavg(),

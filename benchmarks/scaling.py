@@ -28,7 +28,9 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, peak_memory_mib, print_table, run_isolated, start_memory, time_call, write_json
+from _common import print_table, write_json
+
+from seglstm.study.measure import machine_info, memory_baseline, peak_memory_mib, run_isolated, time_call
 
 MODELS = "seglstm_upernet_s,vit_s_upernet,swin_t_upernet,mamba_upernet,deeplabv3plus_r50"
 NUM_CLASSES = 7
@@ -90,8 +92,7 @@ def measure(
             loss.backward()
             net.zero_grad(set_to_none=True)
 
-    allocated = torch.cuda.memory_allocated(dev) / 2**20 if dev.type == "cuda" else 0.0
-    base = start_memory(dev)
+    base = memory_baseline(dev)  # the peak is what the pass adds above the weights and inputs
     start = time.perf_counter()
     run()  # first call: warm-up, and how long one call takes here
     if dev.type == "cuda":
@@ -103,7 +104,7 @@ def measure(
     return {
         "seconds": seconds,
         "images_per_s": batch / seconds,
-        "peak_mib": peak_memory_mib(dev, base) - allocated,
+        "peak_mib": peak_memory_mib(dev, base),
         "weights_mib": weights_mib,
         "timed_calls": "first call only" if slow else repeats,
     }
@@ -128,8 +129,7 @@ def _growth(rows: list[dict[str, Any]], sizes: list[int]) -> list[dict[str, Any]
 def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
     """``MODEL:KEY=VALUE`` items (YAML values) -> per-model preset overrides.
 
-    Parsed here rather than with seglstm's helpers: this parent stays light, because a child it spawns
-    inherits its resident-set high-water mark (see ``_common``).
+    Parsed here with PyYAML alone: errors are the benchmark's own (``SystemExit`` naming the item).
     """
     import yaml
 
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         print_table(growth, ["model", "part", "mode", "batch", "sides", "time x", "memory x"])
     suffix = "" if args.device == "cpu" else f"_{args.device.split(':')[0]}"
     out = args.out or Path(__file__).resolve().parent / "results" / f"scaling{suffix}.json"
-    write_json(out, {"machine": machine(), "device": args.device, "overrides": overrides, "rows": rows,
+    write_json(out, {"machine": machine_info(), "device": args.device, "overrides": overrides, "rows": rows,
                      "growth": growth})  # fmt: skip
     return 0
 

@@ -4,7 +4,8 @@ the seed's parallel mLSTM backend: forward, loss, backward and an AdamW step at 
     python benchmarks/training_step.py [--steps 3] [--size 512] [--batch 2] [--omp-wait-policy passive]
 
 Prints a table and writes benchmarks/results/encoder_speed_training[_cuda].json. Each backend runs in a
-fresh process (see _common.py), with the same OMP_WAIT_POLICY handling as encoder_speed.py (`_common.add_omp_wait_policy`).
+fresh process (``seglstm.study.measure.run_isolated``), with the same OMP_WAIT_POLICY handling as
+encoder_speed.py (``_common.add_omp_wait_policy``).
 """
 
 from __future__ import annotations
@@ -19,16 +20,9 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (
-    add_omp_wait_policy,
-    apply_omp_wait_policy,
-    machine,
-    peak_memory_mib,
-    print_table,
-    run_isolated,
-    start_memory,
-    write_json,
-)
+from _common import add_omp_wait_policy, apply_omp_wait_policy, print_table, write_json
+
+from seglstm.study.measure import machine_info, memory_baseline, peak_memory_mib, run_isolated
 
 BACKENDS = ("chunkwise", "parallel")
 
@@ -50,7 +44,7 @@ def measure(backend: str, size: int, batch: int, steps: int, device: str) -> dic
         optim.step()
         return loss.detach().item()
 
-    base = start_memory(dev)
+    base = memory_baseline(dev)
     step()  # warm-up: allocations, first-call dispatch
     times = []
     for _ in range(steps):
@@ -89,7 +83,7 @@ def main() -> None:
     rows = []
     for backend in BACKENDS:
         res = run_isolated(
-            measure, backend=backend, size=args.size, batch=args.batch, steps=args.steps, device=args.device
+            measure, timeout=1800, backend=backend, size=args.size, batch=args.batch, steps=args.steps, device=args.device
         )
         rows.append({"backend": backend, **res})
         print(f"{backend:>10}: {res}", flush=True)
@@ -105,7 +99,7 @@ def main() -> None:
     write_json(
         out,
         {
-            "machine": machine(),
+            "machine": machine_info(),
             "device": args.device,
             "model": "seglstm_upernet_s",
             "size": args.size,

@@ -22,8 +22,10 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, print_table, run_isolated, write_json
+from _common import print_table, write_json
 from scaling import limit_memory, parse_overrides
+
+from seglstm.study.measure import machine_info, run_isolated, training_speed
 
 MODELS = "seglstm_upernet_s,seglstm_upernet_s/parallel,vit_s_upernet,swin_t_upernet,mamba_upernet,deeplabv3plus_r50"
 BACKENDS = ("chunkwise", "parallel", "recurrent")
@@ -43,8 +45,6 @@ def split_variant(entry: str) -> tuple[str, dict[str, Any]]:
 def capped_training_speed(max_mem_gib: float | None, **kwargs: Any) -> dict[str, Any]:
     """``seglstm.study.measure.training_speed`` under an address-space cap (CPU), so that a model too large
     for the machine fails with an error rather than calling the out-of-memory killer."""
-    from seglstm.study.measure import training_speed
-
     limit_memory(max_mem_gib, torch.device(kwargs.get("device", "cpu")))
     return training_speed(**kwargs)
 
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{key}: {value:.2f}x")
     suffix = "" if args.device == "cpu" else f"_{args.device.split(':')[0]}"
     out = args.out or Path(__file__).resolve().parent / "results" / f"training_throughput{suffix}.json"
-    write_json(out, {"machine": machine(), "device": args.device, "precision": precision, "size": args.size,
+    write_json(out, {"machine": machine_info(), "device": args.device, "precision": precision, "size": args.size,
                      "batch": args.batch, "steps": args.steps, "warmup": args.warmup, "rows": rows,
                      "ratios": ratios})  # fmt: skip
     return 0
