@@ -7,7 +7,6 @@ import csv
 import json
 import os
 import signal
-import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -16,10 +15,11 @@ import torch
 import yaml
 
 from seglstm.cli.compare import main as compare_main
+from seglstm.cli.compare import parse_budget, parse_ckpts, parse_model_overrides, parse_sizes
 from seglstm.models.flops import count_flops, count_params
 from seglstm.models.registry import create_model
 from seglstm.study import compare as cmp
-from seglstm.study import measure
+from seglstm.study import jobs, measure, tables
 from seglstm.training.optim import WarmupPoly
 
 CLASSES = ["background", "building", "road", "water", "barren", "forest", "agricultural"]
@@ -33,42 +33,42 @@ CLASSES = ["background", "building", "road", "water", "barren", "forest", "agric
     [("200", 200, None), (" 2 ", 2, None), ("10m", None, 10.0), ("1.5min", None, 1.5), ("3 minutes", None, 3.0)],
 )
 def test_parse_budget(text, steps, minutes):
-    budget = cmp.parse_budget(text)
+    budget = parse_budget(text)
     assert (budget.steps, budget.minutes) == (steps, minutes)
 
 
 @pytest.mark.parametrize("text", ["", "abc", "1", "0", "-5", "10h", "0m", "5s", "2.5"])
 def test_parse_budget_rejects(text):
     with pytest.raises(ValueError, match="--budget"):
-        cmp.parse_budget(text)
+        parse_budget(text)
 
 
 def test_parse_model_overrides_yaml_values():
-    got = cmp.parse_model_overrides(
+    got = parse_model_overrides(
         ["a:depths=[1,1,2,1]", "a:embed_dim=32", "b:depths=(2, 2)", "b:backend=parallel", "a:lr=1e-3"], ["a", "b"]
     )
     assert got == {"a": {"depths": [1, 1, 2, 1], "embed_dim": 32, "lr": 1e-3}, "b": {"depths": [2, 2], "backend": "parallel"}}
     with pytest.raises(ValueError, match="not one of --models"):
-        cmp.parse_model_overrides(["c:x=1"], ["a"])
+        parse_model_overrides(["c:x=1"], ["a"])
     with pytest.raises(ValueError, match="MODEL:KEY=VALUE"):
-        cmp.parse_model_overrides(["a:x"], ["a"])
+        parse_model_overrides(["a:x"], ["a"])
     with pytest.raises(ValueError, match="not valid YAML"):
-        cmp.parse_model_overrides(["a:x=[1,"], ["a"])
+        parse_model_overrides(["a:x=[1,"], ["a"])
 
 
 def test_parse_ckpts_and_sizes(tmp_path):
     ckpt = tmp_path / "m.ckpt"
     ckpt.write_bytes(b"x")
-    assert cmp.parse_ckpts(f"a={ckpt}", ["a", "b"]) == {"a": ckpt}
-    assert cmp.parse_ckpts(None, ["a"]) == {}
+    assert parse_ckpts(f"a={ckpt}", ["a", "b"]) == {"a": ckpt}
+    assert parse_ckpts(None, ["a"]) == {}
     with pytest.raises(ValueError, match="does not exist"):
-        cmp.parse_ckpts(f"a={tmp_path / 'missing.ckpt'}", ["a"])
+        parse_ckpts(f"a={tmp_path / 'missing.ckpt'}", ["a"])
     with pytest.raises(ValueError, match="not one of --models"):
-        cmp.parse_ckpts(f"z={ckpt}", ["a"])
-    assert cmp.parse_sizes("512,1024") == [512, 1024]
+        parse_ckpts(f"z={ckpt}", ["a"])
+    assert parse_sizes("512,1024") == [512, 1024]
     for bad in ("", "512,abc", "8", "512,512"):
         with pytest.raises(ValueError, match="--sizes"):
-            cmp.parse_sizes(bad)
+            parse_sizes(bad)
 
 
 def test_parse_devices_on_cpu():
@@ -84,13 +84,13 @@ def test_parse_devices_on_cpu():
 
 
 def test_warmup_for_matches_seed_share():
-    assert cmp.warmup_for(15000, cmp.SEED_WARMUP_FRACTION) == 1500
-    assert cmp.warmup_for(200, 0.1) == 20
-    assert cmp.warmup_for(10, 0.1) == 0  # one warm-up step is not a valid WarmupPoly
-    assert cmp.warmup_for(4, 0.5) == 2
-    assert cmp.warmup_for(3, 0.5) == 0  # 2 + 2 > 3 steps
+    assert jobs.warmup_for(15000, cmp.SEED_WARMUP_FRACTION) == 1500
+    assert jobs.warmup_for(200, 0.1) == 20
+    assert jobs.warmup_for(10, 0.1) == 0  # one warm-up step is not a valid WarmupPoly
+    assert jobs.warmup_for(4, 0.5) == 2
+    assert jobs.warmup_for(3, 0.5) == 0  # 2 + 2 > 3 steps
     for steps in (2, 3, 7, 50):
-        warm = cmp.warmup_for(steps, 0.3)
+        warm = jobs.warmup_for(steps, 0.3)
         WarmupPoly(steps, warm)  # always a valid schedule
 
 
@@ -123,35 +123,27 @@ def test_load_study_data(tmp_path):
 # -- the budget callback --------------------------------------------------------------------------------
 
 
-class _Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def _fake_trainer(max_iters: int, warmup: int) -> SimpleNamespace:
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupPoly(max_iters, warmup))
     return SimpleNamespace(global_step=0, should_stop=False, lr_scheduler_configs=[SimpleNamespace(scheduler=sched)])
 
 
-def _steps(cb: cmp.BudgetCallback, trainer: SimpleNamespace, clock: _Clock, durations: list[float], batch: int) -> None:
+def _steps(cb: jobs.BudgetCallback, trainer: SimpleNamespace, clock, durations: list[float], batch: int) -> None:
     images = {"image": torch.zeros(batch, 3, 4, 4)}
     for d in durations:
         if trainer.should_stop:
             break
-        clock.now += d
+        clock.advance(d)
         trainer.global_step += 1
         cb.on_train_batch_end(trainer, None, None, images, trainer.global_step - 1)
 
 
-def test_budget_callback_fits_the_schedule_to_the_time(monkeypatch):
-    clock = _Clock()
-    monkeypatch.setattr(cmp.time, "perf_counter", clock)
-    trainer = _fake_trainer(10**9, cmp.warmup_for(10**9, 0.1))
-    cb = cmp.BudgetCallback(None, 60.0, 0.1, torch.device("cpu"), measure.memory_baseline(torch.device("cpu")))
+def test_budget_callback_fits_the_schedule_to_the_time(fake_clock):
+    clock = fake_clock
+    trainer = _fake_trainer(10**9, jobs.warmup_for(10**9, 0.1))
+    cpu = torch.device("cpu")
+    cb = jobs.BudgetCallback(None, 60.0, 0.1, cpu, measure.memory_baseline(cpu), clock=clock)
     cb.on_train_start(trainer, None)
     _steps(cb, trainer, clock, [5.0] + [2.0] * 100, batch=2)
     # probe: step 2 takes 2 s; 7 s used at step 2 -> 2 + (60 - 7) // 2 = 28 planned steps
@@ -168,11 +160,10 @@ def test_budget_callback_fits_the_schedule_to_the_time(monkeypatch):
     assert schedule(27) == pytest.approx(0.0)
 
 
-def test_budget_callback_hard_stop_when_steps_slow_down(monkeypatch):
-    clock = _Clock()
-    monkeypatch.setattr(cmp.time, "perf_counter", clock)
+def test_budget_callback_hard_stop_when_steps_slow_down(fake_clock):
+    clock = fake_clock
     trainer = _fake_trainer(10**9, 0)
-    cb = cmp.BudgetCallback(None, 30.0, 0.0, torch.device("cpu"), 0.0)
+    cb = jobs.BudgetCallback(None, 30.0, 0.0, torch.device("cpu"), 0.0, clock=clock)
     cb.on_train_start(trainer, None)
     _steps(cb, trainer, clock, [1.0, 1.0, 1.0] + [5.0] * 100, batch=1)
     assert cb.planned == 2 + 28  # planned at 1 s per step, 2 s used
@@ -180,15 +171,28 @@ def test_budget_callback_hard_stop_when_steps_slow_down(monkeypatch):
     assert clock.now == pytest.approx(33.0)
 
 
-def test_budget_callback_step_budget_only_measures(monkeypatch):
-    clock = _Clock()
-    monkeypatch.setattr(cmp.time, "perf_counter", clock)
+def test_budget_callback_step_budget_only_measures(fake_clock):
+    clock = fake_clock
     trainer = _fake_trainer(5, 0)
-    cb = cmp.BudgetCallback(5, None, 0.1, torch.device("cpu"), 0.0)
+    cb = jobs.BudgetCallback(5, None, 0.1, torch.device("cpu"), 0.0, clock=clock)
     cb.on_train_start(trainer, None)
     _steps(cb, trainer, clock, [3.0, 1.0, 2.0, 1.0, 2.0], batch=4)
     assert not trainer.should_stop  # Lightning's max_steps stops a step budget
     assert cb.stats()["images_per_s"] == pytest.approx(4 * 4 / 6.0)
+
+
+def test_budget_callback_reschedules_through_warmup_poly_only():
+    schedule = WarmupPoly(10**9, 20)
+    schedule.reschedule(40, 4)
+    assert (schedule.max_iters, schedule.warmup_iters) == (40, 4) and schedule(39) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="warmup_iters must be 0"):
+        schedule.reschedule(40, 1)  # checked as the constructor checks it; the schedule is left as it was
+    assert (schedule.max_iters, schedule.warmup_iters) == (40, 4)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    other = SimpleNamespace(lr_scheduler_configs=[SimpleNamespace(scheduler=torch.optim.lr_scheduler.StepLR(opt, 5))])
+    cb = jobs.BudgetCallback(None, 60.0, 0.1, torch.device("cpu"), 0.0)
+    with pytest.raises(RuntimeError, match="exactly one WarmupPoly schedule, found 0"):
+        cb._reschedule(other, 30)
 
 
 # -- table files ----------------------------------------------------------------------------------------
@@ -214,11 +218,11 @@ def test_rows_tables_and_plots(tmp_path):
     rng = np.random.default_rng(0)
     ious = [float(v) for v in rng.uniform(0.05, 0.95, len(CLASSES))]
     ious[4] = None  # a class absent from the split: NaN in mmseg, null in JSON
-    good = cmp.build_row("a", _result(ious), CLASSES, [512, 1024])
-    bad = cmp.build_row("b", {"errors": {"train": "RuntimeError: boom\nmore lines"}, "complexity": {"params": 5, "flops": 7}},
+    good = tables.build_row("a", _result(ious), CLASSES, [512, 1024])
+    bad = tables.build_row("b", {"errors": {"train": "RuntimeError: boom\nmore lines"}, "complexity": {"params": 5, "flops": 7}},
                         CLASSES, [512, 1024])  # fmt: skip
-    pending = cmp.build_row("c", {"pending": True}, CLASSES, [512, 1024])
-    cols = cmp.table_columns(CLASSES, [512, 1024])
+    pending = tables.build_row("c", {"pending": True}, CLASSES, [512, 1024])
+    cols = tables.table_columns(CLASSES, [512, 1024])
     assert list(good) == cols
     assert good["overrides"] == "depths=[1, 2] embed_dim=32"
     assert good["status"] == "ok" and good["steps"] == 40 and good["train_min"] == pytest.approx(1.5)
@@ -232,7 +236,7 @@ def test_rows_tables_and_plots(tmp_path):
     assert bad["status"] == "train failed: RuntimeError: boom" and bad["mIoU"] is None and bad["params_M"] == 5e-6
     assert pending["status"] == "pending"
 
-    md = cmp.markdown_table([good, bad], cols).splitlines()
+    md = tables.markdown_table([good, bad], cols).splitlines()
     assert md[0].startswith("| model | overrides | status | steps | train min | IoU.background")
     assert "GFLOPs@512" in md[0] and "infer img/s@1024" in md[0] and "infer peak MiB@1024" in md[0]
     cells = [c.strip() for c in md[2].strip("|").split("|")]
@@ -241,7 +245,7 @@ def test_rows_tables_and_plots(tmp_path):
     assert cells[cols.index("IoU.barren")] == "-"
     assert cells[cols.index("params_M")] == "12.3"
 
-    text = cmp.csv_text([good, bad], cols)
+    text = tables.csv_text([good, bad], cols)
     back = list(csv.DictReader(text.splitlines()))
     assert list(back[0]) == cols
     assert float(back[0]["IoU.road"]) == pytest.approx(100 * ious[2]) and back[0]["IoU.barren"] == ""
@@ -263,17 +267,17 @@ def test_complexity_on_meta_matches_a_real_model():
     assert got == {"params": count_params(real), "flops": count_flops(real, (1, 3, 64, 64))}
 
 
-def test_time_call_is_the_median_after_warmup():
+def test_time_call_is_the_median_after_warmup(fake_clock):
     calls = []
     durations = iter([0.2, 0.01, 0.05, 0.03])
 
     def fn():
         calls.append(1)
-        time.sleep(next(durations))
+        fake_clock.advance(next(durations))
 
-    t = measure.time_call(fn, torch.device("cpu"), repeats=3, warmup=1)
+    t = measure.time_call(fn, torch.device("cpu"), repeats=3, warmup=1, clock=fake_clock)
     assert len(calls) == 4
-    assert 0.03 <= t < 0.045  # the median of 0.01, 0.05, 0.03 and not the 0.2 s warm-up
+    assert t == pytest.approx(0.03)  # the median of 0.01, 0.05, 0.03 and not the 0.2 s warm-up
     with pytest.raises(ValueError, match="repeats"):
         measure.time_call(fn, torch.device("cpu"), repeats=0)
 
@@ -313,11 +317,9 @@ def test_run_isolated_results_errors_and_kills():
 
 
 @pytest.fixture(scope="module")
-def tiny_study(tmp_path_factory):
-    from seglstm.data.synthetic import generate
-
+def tiny_study(tmp_path_factory, tiny_loveda):
     root = tmp_path_factory.mktemp("compare")
-    data = generate(root / "synth", n_train=4, n_val=2, size=64, progress=False)
+    data = tiny_loveda
     cfg = root / "data.yaml"
     cfg.write_text(yaml.safe_dump({
         "data": {"dataset": "loveda", "root": str(data), "batch_size": 2, "num_workers": 0, "crop_size": [64, 64],
@@ -342,7 +344,7 @@ def test_compare_end_to_end_writes_every_file(tiny_study):
     for name in ("compare.md", "compare.json", "compare.csv", "miou_vs_time.png", "time_vs_size.png"):
         assert (out / name).stat().st_size > 0, name
     payload = json.loads((out / "compare.json").read_text())
-    cols = cmp.table_columns(CLASSES, [64], 64)
+    cols = tables.table_columns(CLASSES, [64], 64)
     assert payload["columns"] == cols and payload["classes"] == CLASSES
     rows = {r["model"]: r for r in payload["rows"]}
     assert list(rows) == ["seglstm_upernet_t", "deeplabv3plus_r18", "pspnet_r18"]

@@ -1,10 +1,23 @@
 """``seglstm compare``: train (or evaluate) several models under one data config, recipe, budget and seed,
-then write one comparison table (Markdown, JSON, CSV) and two plots. See :mod:`seglstm.study.compare`."""
+then write one comparison table (Markdown, JSON, CSV) and two plots. See :mod:`seglstm.study.compare`.
+
+This module turns the command line into a :class:`~seglstm.study.compare.CompareConfig`; every parser raises
+``ValueError`` naming the option, which ``main`` prints as one line (exit status 2).
+"""
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+if TYPE_CHECKING:
+    from seglstm.study.compare import Budget
 
 EPILOG = """\
 examples:
@@ -17,6 +30,97 @@ examples:
 outputs in --out: compare.md / compare.json / compare.csv, miou_vs_time.png, time_vs_size.png, and one
 folder per model (checkpoints/, logs/, result.json, error_*.txt).
 """
+
+
+def parse_budget(text: str) -> Budget:
+    """``"200"`` -> 200 steps; ``"10m"`` (or ``10min``, ``1.5m``) -> minutes of training per model."""
+    from seglstm.study.compare import Budget
+
+    s = str(text).strip().lower()
+    minutes = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*(?:m|min|mins|minutes?)", s)
+    if minutes:
+        value = float(minutes.group(1))
+        if value <= 0:
+            raise ValueError(f"--budget {text!r}: minutes must be positive")
+        return Budget(minutes=value)
+    if re.fullmatch(r"\d+", s):
+        steps = int(s)
+        if steps < 2:
+            raise ValueError(f"--budget {text!r}: at least 2 training steps are needed (one to warm up, one timed)")
+        return Budget(steps=steps)
+    raise ValueError(
+        f"--budget {text!r}: expected a number of training steps (e.g. 200) or minutes per model (e.g. 10m)"
+    )
+
+
+def parse_sizes(text: str, option: str = "--sizes") -> list[int]:
+    """``"512,1024"`` -> ``[512, 1024]`` (positive, unique, in the given order)."""
+    try:
+        sizes = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError as err:
+        raise ValueError(f"{option} {text!r}: expected comma-separated pixel sizes such as 512,1024") from err
+    if not sizes or any(s < 16 for s in sizes):
+        raise ValueError(f"{option} {text!r}: sizes must be integers >= 16")
+    if len(set(sizes)) != len(sizes):
+        raise ValueError(f"{option} {text!r}: a size is repeated")
+    return sizes
+
+
+def _yaml_value(text: str) -> Any:
+    text = text.strip()
+    if text.startswith("(") and text.endswith(")"):  # let users write tuples as Python does
+        text = "[" + text[1:-1] + "]"
+    value = yaml.safe_load(text) if text else ""
+    if isinstance(value, str):  # PyYAML reads 1e-3 as a string (YAML 1.1); users mean a number
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def parse_key_values(items: Sequence[str], option: str) -> dict[str, Any]:
+    """``["batch_size=2", "crop_size=[128,128]"]`` -> a dict with YAML-parsed values."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{option} {item!r}: expected KEY=VALUE")
+        try:
+            out[key.strip()] = _yaml_value(value)
+        except yaml.YAMLError as err:
+            raise ValueError(f"{option} {item!r}: the value is not valid YAML ({err})") from err
+    return out
+
+
+def parse_model_overrides(items: Sequence[str], models: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``["seglstm_upernet_s:embed_dim=192", ...]`` -> ``{"seglstm_upernet_s": {"embed_dim": 192}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        name, sep, rest = item.partition(":")
+        if not sep or "=" not in rest:
+            raise ValueError(f"--model-overrides {item!r}: expected MODEL:KEY=VALUE")
+        name = name.strip()
+        if name not in models:
+            raise ValueError(f"--model-overrides {item!r}: {name!r} is not one of --models ({', '.join(models)})")
+        out.setdefault(name, {}).update(parse_key_values([rest], "--model-overrides"))
+    return out
+
+
+def parse_ckpts(text: str | None, models: Sequence[str]) -> dict[str, Path]:
+    """``"name=path,name=path"`` -> checkpoints to evaluate instead of training those models."""
+    out: dict[str, Path] = {}
+    for item in [v for v in (text or "").split(",") if v.strip()]:
+        name, sep, path = item.partition("=")
+        name, path = name.strip(), path.strip()
+        if not sep or not name or not path:
+            raise ValueError(f"--ckpts {item!r}: expected MODEL=PATH")
+        if name not in models:
+            raise ValueError(f"--ckpts {item!r}: {name!r} is not one of --models ({', '.join(models)})")
+        if not Path(path).is_file():
+            raise ValueError(f"--ckpts {item!r}: {path} does not exist or is not a file")
+        out[name] = Path(path)
+    return out
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -70,15 +174,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    from seglstm.study.compare import (
-        CompareConfig,
-        parse_budget,
-        parse_ckpts,
-        parse_key_values,
-        parse_model_overrides,
-        parse_sizes,
-        run_compare,
-    )
+    from seglstm.study.compare import CompareConfig, run_compare
 
     try:
         models = [m.strip() for m in args.models.split(",") if m.strip()]

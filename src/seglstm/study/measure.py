@@ -46,7 +46,7 @@ _PRELOAD = [
     "seglstm.training.task",
     "seglstm.training.trainer",
     "seglstm.study.measure",
-    "seglstm.study.compare",
+    "seglstm.study.jobs",
 ]
 
 
@@ -132,8 +132,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call(fn: Callable[[], Any], device: torch.device, repeats: int = 3, warmup: int = 1) -> float:
-    """Median wall time of ``fn`` in seconds over ``repeats`` calls after ``warmup`` untimed ones."""
+def time_call(
+    fn: Callable[[], Any],
+    device: torch.device,
+    repeats: int = 3,
+    warmup: int = 1,
+    clock: Callable[[], float] = time.perf_counter,
+) -> float:
+    """Median wall time of ``fn`` in seconds over ``repeats`` calls after ``warmup`` untimed ones.
+
+    ``clock`` is the time source (tests pass a fake one rather than sleep).
+    """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
     for _ in range(warmup):
@@ -141,10 +150,10 @@ def time_call(fn: Callable[[], Any], device: torch.device, repeats: int = 3, war
     _sync(device)
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         fn()
         _sync(device)
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times)
 
 
@@ -298,6 +307,7 @@ def _context() -> mp.context.BaseContext:
 
 def _child(conn: Any, job: Callable[..., dict[str, Any]], kwargs: dict[str, Any]) -> None:
     try:
+        torch.manual_seed(0)  # every child starts from the same random state, so reruns build the same weights
         result = job(**kwargs)
         conn.send(result)
     except BaseException as err:  # report everything, including KeyboardInterrupt, instead of hanging

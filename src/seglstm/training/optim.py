@@ -1,4 +1,4 @@
-"""The seed's optimiser and learning-rate schedule (DESIGN.md section 1), outside Lightning so tests can probe them.
+"""The seed's optimiser and learning-rate schedule (docs/design.md, section 6), outside Lightning so tests can probe them.
 
 Parameter groups follow mmengine's ``paramwise_cfg.custom_keys`` with ``decay_mult=0`` for ``pos_embed``,
 ``cls_token`` and ``norm``: a parameter whose full name *contains* one of the keys gets no weight decay.
@@ -96,6 +96,12 @@ class WarmupPoly:
         self.warmup_ratio = float(warmup_ratio)
         self.power = float(power)
         self.min_ratio = float(min_ratio)
+
+    def reschedule(self, max_iters: int, warmup_iters: int) -> None:
+        """Lay the schedule over a new length, checked as in the constructor: a time budget knows how many
+        iterations fit only after timing the first ones."""
+        check_schedule(max_iters, warmup_iters)
+        self.max_iters, self.warmup_iters = int(max_iters), int(warmup_iters)
 
     def __call__(self, t: int) -> float:
         w = self.warmup_iters
