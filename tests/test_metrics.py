@@ -9,44 +9,7 @@ import pytest
 import torch
 
 from seglstm.metrics import SegmentationMetrics, metrics_from_confusion_matrix
-
-
-def _reference(preds: list[np.ndarray], labels: list[np.ndarray], k: int, ignore: int = 255) -> dict:
-    """mmseg-style: histogram intersect / pred / label areas per image, summed, then divided."""
-    inter = np.zeros(k, np.float64)
-    area_pred = np.zeros(k, np.float64)
-    area_label = np.zeros(k, np.float64)
-    confmat = np.zeros((k, k), np.int64)
-    for p, lab in zip(preds, labels):
-        keep = lab != ignore
-        p, lab = p[keep], lab[keep]
-        inter += np.histogram(p[p == lab], bins=k, range=(0, k))[0]
-        area_pred += np.histogram(p, bins=k, range=(0, k))[0]
-        area_label += np.histogram(lab, bins=k, range=(0, k))[0]
-        np.add.at(confmat, (lab, p), 1)
-    union = area_pred + area_label - inter
-    with np.errstate(invalid="ignore", divide="ignore"):
-        iou = inter / union
-        acc = inter / area_label
-        prec = inter / area_pred
-        dice = 2 * inter / (area_pred + area_label)
-        f1 = 2 * prec * acc / (prec + acc)
-        norm = confmat / confmat.sum(axis=1, keepdims=True)
-    return {
-        "IoU": iou,
-        "Acc": acc,
-        "Recall": acc,
-        "Precision": prec,
-        "Dice": dice,
-        "Fscore": f1,
-        "aAcc": inter.sum() / area_label.sum(),
-        "mIoU": np.nanmean(iou),
-        "mAcc": np.nanmean(acc),
-        "mDice": np.nanmean(dice),
-        "mFscore": np.nanmean(f1),
-        "confusion_matrix": confmat,
-        "confusion_matrix_normalized": norm,
-    }
+from tests.references.metrics import iou_metric_reference
 
 
 def _check(got: dict, ref: dict) -> None:
@@ -80,7 +43,7 @@ def test_matches_reference_with_absent_classes_and_ignore(seed: int) -> None:
         labels.append(lab)
         metric.update(torch.from_numpy(pred), torch.from_numpy(lab))
     got = metric.compute()
-    ref = _reference(preds, labels, k)
+    ref = iou_metric_reference(preds, labels, k)
     _check(got, ref)
     # the mmseg NaN rules for the three kinds of incomplete class
     assert math.isnan(got["IoU"][5]) and math.isnan(got["Acc"][5]) and math.isnan(got["Precision"][5])
@@ -104,7 +67,7 @@ def test_logits_equal_argmax_and_ignore_pixels_never_count() -> None:
     ra, rb = a.compute(), b.compute()
     assert torch.equal(ra["confusion_matrix"], rb["confusion_matrix"])
     assert int(ra["confusion_matrix"].sum()) == int((target != 255).sum())
-    ref = _reference([logits.argmax(1).numpy()], [target.numpy()], k)
+    ref = iou_metric_reference([logits.argmax(1).numpy()], [target.numpy()], k)
     _check(ra, ref)
 
 

@@ -7,33 +7,7 @@ import torch
 from torch import nn
 
 from seglstm.training.optim import NO_DECAY_KEYS, WarmupPoly, build_adamw, build_warmup_poly, param_groups
-
-
-def _mmengine_chain(
-    base: float, max_iters: int, warmup: int, ratio: float, power: float, eta_min: float
-) -> list:
-    """Second implementation: mmengine's *recursive* LinearLR then PolyLR, stepped as its runner steps them.
-
-    Each scheduler multiplies the current lr by its own per-step factor while ``begin <= step < end``; both
-    span ``end - begin - 1`` steps. Float64 throughout.
-    """
-    lr = base
-    lrs = []
-    lin_total = warmup - 1
-    poly_total = max_iters - warmup - 1
-    for step in range(max_iters + 3):
-        if step < warmup:  # LinearLR(start_factor=ratio, begin=0, end=warmup)
-            k = step
-            if k == 0:
-                lr = base * ratio
-            else:
-                lr = lr * (1.0 + (1.0 - ratio) / (lin_total * ratio + (k - 1) * (1.0 - ratio)))
-        elif step < max_iters:  # PolyLR(begin=warmup, end=max_iters)
-            k = step - warmup
-            if k > 0:
-                lr = (lr - eta_min) * (1.0 - 1.0 / (poly_total - k + 1)) ** power + eta_min
-        lrs.append(lr)
-    return lrs
+from tests.references.schedule import mmengine_warmup_poly
 
 
 @pytest.mark.parametrize(
@@ -50,7 +24,7 @@ def test_schedule_matches_mmengine_recursion(max_iters, warmup, ratio, power, et
     for _ in range(max_iters + 3):  # Lightning: lr used at iteration t, then scheduler.step()
         got.append(opt.param_groups[0]["lr"])
         sched.step()
-    ref = _mmengine_chain(base, max_iters, warmup, ratio, power, eta_min)
+    ref = mmengine_warmup_poly(base, max_iters, warmup, ratio, power, eta_min)
     torch.testing.assert_close(
         torch.tensor(got, dtype=torch.float64), torch.tensor(ref, dtype=torch.float64), rtol=1e-9, atol=1e-15
     )
