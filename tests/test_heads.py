@@ -315,3 +315,12 @@ def test_build_head_reads_widths_by_in_index_and_names_bad_input():
         build_auxiliary_head(widths, K, in_index=[1, 7])
     head_kw, encoder_kw = split_overrides(ASPPHead, {"dilations": (1, 6), "dropout_ratio": 0.0, "depths": [1, 1]})
     assert head_kw == {"dilations": (1, 6), "dropout_ratio": 0.0} and encoder_kw == {"depths": [1, 1]}
+
+
+@pytest.mark.parametrize("head_cls", [PSPHead, FCNHead, APCHead, ASPPHead, DepthwiseSeparableASPPHead])
+def test_single_map_heads_reject_a_list_of_maps_by_name(head_cls):
+    extra = {"c1_in_channels": 4, "c1_channels": 4} if head_cls is DepthwiseSeparableASPPHead else {}
+    with pytest.raises(ValueError, match=rf"^{head_cls.__name__} reads one map: use input_transform None"):
+        head_cls([8, 16], 8, num_classes=K, in_index=(2, 3), input_transform="multiple_select", **extra)
+    head = head_cls([8, 16], 8, num_classes=K, in_index=(2, 3), input_transform="resize_concat", **extra)
+    assert head.in_channels == 24  # concatenated first: one map

@@ -68,8 +68,7 @@ class APCHead(BaseDecodeHead):
         **kwargs,
     ) -> None:
         super().__init__(in_channels, channels, num_classes=num_classes, in_index=in_index, **kwargs)
-        if not isinstance(self.in_channels, int):
-            raise ValueError("APCHead reads one map: use input_transform None or 'resize_concat'")
+        self._require_one_map()
         self.pool_scales, self.fusion = tuple(pool_scales), fusion
         self.acm_modules = nn.ModuleList(ACM(s, fusion, self.in_channels, channels) for s in self.pool_scales)
         self.bottleneck = ConvModule(self.in_channels + len(self.pool_scales) * channels, channels, 3, padding=1)

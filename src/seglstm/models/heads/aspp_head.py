@@ -45,8 +45,7 @@ class ASPPHead(BaseDecodeHead):
         **kwargs,
     ) -> None:
         super().__init__(in_channels, channels, num_classes=num_classes, in_index=in_index, **kwargs)
-        if not isinstance(self.in_channels, int):
-            raise ValueError(f"{type(self).__name__} reads one map: use input_transform None or 'resize_concat'")
+        self._require_one_map()
         if not dilations or any(int(d) < 1 for d in dilations):
             raise ValueError(f"dilations must be positive ints, got {dilations!r}")
         self.dilations = tuple(int(d) for d in dilations)

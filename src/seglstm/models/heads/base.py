@@ -215,6 +215,11 @@ class BaseDecodeHead(nn.Module, metaclass=ABCMeta):
         size = selected[0].shape[2:]
         return torch.cat([resize(x, size, self.align_corners) for x in selected], dim=1)
 
+    def _require_one_map(self) -> None:
+        """For heads built on one map: a list of inputs must be concatenated first (``resize_concat``)."""
+        if not isinstance(self.in_channels, int):
+            raise ValueError(f"{type(self).__name__} reads one map: use input_transform None or 'resize_concat'")
+
     def input_indices(self) -> list[int]:
         """Indices of the encoder/neck outputs this head reads (as given, possibly negative)."""
         return [self.in_index] if isinstance(self.in_index, int) else list(self.in_index)

@@ -40,8 +40,7 @@ class FCNHead(BaseDecodeHead):
         **kwargs,
     ) -> None:
         super().__init__(in_channels, channels, num_classes=num_classes, in_index=in_index, **kwargs)
-        if not isinstance(self.in_channels, int):
-            raise ValueError("FCNHead reads one map: use input_transform None or 'resize_concat'")
+        self._require_one_map()
         if not isinstance(num_convs, int) or num_convs < 0:
             raise ValueError(f"num_convs must be a non-negative int, got {num_convs!r}")
         if not isinstance(dilation, int) or dilation < 1:

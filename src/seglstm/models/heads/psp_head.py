@@ -31,8 +31,7 @@ class PSPHead(BaseDecodeHead):
         **kwargs,
     ) -> None:
         super().__init__(in_channels, channels, num_classes=num_classes, in_index=in_index, **kwargs)
-        if not isinstance(self.in_channels, int):
-            raise ValueError("PSPHead reads one map: use input_transform None or 'resize_concat'")
+        self._require_one_map()
         self.pool_scales = tuple(pool_scales)
         self.psp_modules = PPM(pool_scales, self.in_channels, channels, self.align_corners)
         self.bottleneck = ConvModule(self.in_channels + len(pool_scales) * channels, channels, 3, padding=1)
