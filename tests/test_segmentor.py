@@ -330,3 +330,18 @@ def test_full_size_preset_forward_backward(name):
     losses["loss"].backward()
     assert torch.isfinite(losses["loss"])
     assert model(img).shape == (2, K, 128, 160)
+
+
+@pytest.mark.parametrize("preset", ["seglstm_upernet_t", "deeplabv3plus_r18"])
+def test_presets_route_segmentor_head_and_encoder_options(preset):
+    from seglstm.models.segmentor import split_segmentor_options
+
+    options, rest = split_segmentor_options({"ignore_index": 7, "aux_loss_weight": 0.25, "dropout_ratio": 0.0, "x": 1})
+    assert options == {"ignore_index": 7, "aux_loss_weight": 0.25} and rest == {"dropout_ratio": 0.0, "x": 1}
+    tiny = {"depths": [1, 1, 1, 1], "embed_dim": 32} if preset.startswith("seglstm") else {}
+    model = create_model(preset, num_classes=3, ignore_index=7, aux_loss_weight=0.25, dice_weight=0.5,
+                         test_cfg={"mode": "slide"}, dropout_ratio=0.0, **tiny)  # fmt: skip
+    assert (model.ignore_index, model.aux_loss_weight, model.dice_weight) == (7, 0.25, 0.5)
+    assert model.test_cfg["mode"] == "slide" and model.decode_head.dropout_ratio == 0.0
+    with pytest.raises(TypeError, match="no_such_option"):
+        create_model(preset, num_classes=3, no_such_option=1, **tiny)

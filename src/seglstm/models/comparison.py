@@ -32,7 +32,7 @@ from seglstm.models import mamba  # noqa: F401  (registers the vmamba_* encoders
 from seglstm.models.heads import HEAD_TYPES, build_auxiliary_head, build_head, split_overrides
 from seglstm.models.necks import MultiLevelNeck
 from seglstm.models.registry import create_encoder, register_model
-from seglstm.models.segmentor import EncoderDecoder
+from seglstm.models.segmentor import EncoderDecoder, split_segmentor_options
 from seglstm.models.timm_encoders import TimmEncoder
 
 __all__ = ["COMPARISON_MODELS"]
@@ -48,13 +48,6 @@ def _create_comparison(
     aux_cfg: Mapping[str, Any] | None = None,
     auxiliary: bool = True,
     pretrained: bool = False,
-    aux_loss_weight: float = 0.4,
-    class_weight: list[float] | None = None,
-    dice_weight: float = 0.0,
-    lovasz_weight: float = 0.0,
-    avg_non_ignore: bool = False,
-    ignore_index: int = 255,
-    test_cfg: Mapping[str, Any] | None = None,
     **overrides: Any,
 ) -> EncoderDecoder:
     """Assemble one comparison segmentor from a preset's settings and the user's overrides.
@@ -67,11 +60,12 @@ def _create_comparison(
         aux_cfg: the auxiliary ``FCNHead`` settings; None means the preset has none (mmseg's fcn_hr*).
         auxiliary: set False to drop a preset's auxiliary head.
         pretrained: load timm's ImageNet weights into the encoder (downloads from the Hugging Face hub).
-        aux_loss_weight, class_weight, dice_weight, lovasz_weight, avg_non_ignore, ignore_index, test_cfg:
-            passed to ``EncoderDecoder``.
-        **overrides: arguments of the decode head's constructor (``channels``, ``dropout_ratio`` ...) go to the
-            decode head, all others to the encoder (``drop_path_rate``, ``img_size``, ``depths`` ...).
+        **overrides: ``EncoderDecoder``'s options (``aux_loss_weight``, ``class_weight``, ``ignore_index``,
+            ``test_cfg`` ...) go to the segmentor, arguments of the decode head's constructor (``channels``,
+            ``dropout_ratio`` ...) to the decode head, all others to the encoder (``drop_path_rate``,
+            ``img_size``, ``depths`` ...).
     """
+    segmentor_kw, overrides = split_segmentor_options(overrides)
     head_over, encoder_over = split_overrides(HEAD_TYPES[head], overrides)
     head_kw = {**head_cfg, **head_over}
     if "channels" in head_over:  # a width the user gives wins over mmseg's fcn_hr* rule
@@ -95,19 +89,7 @@ def _create_comparison(
     aux_head = None
     if auxiliary and aux_cfg is not None:
         aux_head = build_auxiliary_head(widths, num_classes, **aux_cfg)
-    return EncoderDecoder(
-        backbone,
-        decode_head,
-        neck=neck,
-        auxiliary_head=aux_head,
-        aux_loss_weight=aux_loss_weight,
-        class_weight=class_weight,
-        dice_weight=dice_weight,
-        lovasz_weight=lovasz_weight,
-        avg_non_ignore=avg_non_ignore,
-        ignore_index=ignore_index,
-        test_cfg=test_cfg,
-    )
+    return EncoderDecoder(backbone, decode_head, neck=neck, auxiliary_head=aux_head, **segmentor_kw)
 
 
 def _timm_encoder(pretrained: bool = False, **kwargs: Any) -> TimmEncoder:

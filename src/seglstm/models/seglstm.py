@@ -15,7 +15,7 @@ from typing import Any
 from seglstm.models.heads import HEAD_TYPES, BaseDecodeHead, build_auxiliary_head, build_head, split_overrides
 from seglstm.models.necks import MultiLevelNeck
 from seglstm.models.registry import create_encoder, register_model
-from seglstm.models.segmentor import EncoderDecoder
+from seglstm.models.segmentor import EncoderDecoder, split_segmentor_options
 
 __all__ = ["HEADS", "NECKS"]
 
@@ -46,13 +46,6 @@ def _create_seglstm(
     auxiliary: bool = True,
     aux_cfg: Mapping[str, Any] | None = None,
     pretrained: str | os.PathLike | None = None,
-    aux_loss_weight: float = 0.4,
-    class_weight: list[float] | None = None,
-    dice_weight: float = 0.0,
-    lovasz_weight: float = 0.0,
-    avg_non_ignore: bool = False,
-    ignore_index: int = 255,
-    test_cfg: Mapping[str, Any] | None = None,
     **overrides: Any,
 ) -> EncoderDecoder:
     """Assemble encoder, optional neck, decode head and auxiliary FCN head.
@@ -65,16 +58,17 @@ def _create_seglstm(
         auxiliary: add the seed's auxiliary FCNHead (in_index 2, 256 channels); ``aux_cfg`` overrides it.
         pretrained: checkpoint loaded with ``seglstm.models.checkpoint.load_pretrained`` (a Seg-LSTM/mmseg
             segmentor checkpoint, or a Vision-LSTM classification checkpoint for the encoder only).
-        aux_loss_weight, class_weight, dice_weight, lovasz_weight, avg_non_ignore, ignore_index, test_cfg:
-            passed to ``EncoderDecoder``.
-        **overrides: keyword arguments of the decode head's constructor (``channels``, ``dropout_ratio``,
-            ``pool_scales`` ...) go to the head, all others to the encoder (``img_size``, ``depths``,
+        **overrides: ``EncoderDecoder``'s options (``aux_loss_weight``, ``class_weight``, ``dice_weight``,
+            ``lovasz_weight``, ``avg_non_ignore``, ``ignore_index``, ``test_cfg`` ...) go to the segmentor,
+            keyword arguments of the decode head's constructor (``channels``, ``dropout_ratio``,
+            ``pool_scales`` ...) to the head, all others to the encoder (``img_size``, ``depths``,
             ``mlstm_backend``, ``drop_path_rate`` ...).
     """
     if neck not in NECKS:
         raise ValueError(f"neck must be one of {NECKS}, got {neck!r}")
     if head not in HEADS:
         raise ValueError(f"unknown decode head {head!r}; known: {', '.join(HEADS)}")
+    segmentor_kw, overrides = split_segmentor_options(overrides)
     head_kw, encoder_kw = split_overrides(HEADS[head], overrides)
     backbone = create_encoder(encoder, **encoder_kw)
     widths = list(backbone.out_channels)
@@ -96,12 +90,8 @@ def _create_seglstm(
             list(backbone.out_channels), widths[0], scales=_NECK_SCALES,
             in_reductions=[int(f["reduction"]) for f in backbone.feature_info], out_indices=used,
         )
-    model = EncoderDecoder(
-        backbone, decode_head, neck=neck_module, auxiliary_head=aux_head, aux_loss_weight=aux_loss_weight,
-        class_weight=class_weight, dice_weight=dice_weight, lovasz_weight=lovasz_weight,
-        avg_non_ignore=avg_non_ignore, ignore_index=ignore_index, test_cfg=test_cfg,
-        size_divisor=max(int(f["reduction"]) for f in backbone.feature_info),
-    )
+    segmentor_kw.setdefault("size_divisor", max(int(f["reduction"]) for f in backbone.feature_info))
+    model = EncoderDecoder(backbone, decode_head, neck=neck_module, auxiliary_head=aux_head, **segmentor_kw)
     if pretrained:
         from seglstm.models.checkpoint import load_pretrained
 

@@ -9,6 +9,7 @@ optional horizontal flip.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -26,6 +27,7 @@ __all__ = [
     "lovasz_softmax",
     "slide_inference",
     "slide_windows",
+    "split_segmentor_options",
 ]
 
 TEST_CFG_DEFAULTS: dict[str, Any] = dict(
@@ -412,3 +414,15 @@ class EncoderDecoder(nn.Module):
         """Parameter names the optimizer should not decay (the backbone's position table and the like)."""
         inner = getattr(self.backbone, "no_weight_decay", None)
         return {f"backbone.{n}" for n in inner()} if callable(inner) else set()
+
+
+def split_segmentor_options(overrides: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split preset overrides into :class:`EncoderDecoder`'s keyword-only options (loss weights,
+    ``ignore_index``, ``test_cfg``, ``size_divisor`` ...) and the rest (head and encoder arguments), so
+    every preset builder accepts the same segmentor options without listing them."""
+    names = {
+        p.name for p in inspect.signature(EncoderDecoder.__init__).parameters.values() if p.kind is p.KEYWORD_ONLY
+    }
+    options = {k: v for k, v in overrides.items() if k in names}
+    rest = {k: v for k, v in overrides.items() if k not in names}
+    return options, rest
