@@ -8,8 +8,8 @@ On a shared, loaded CPU, wall-clock times mostly measure how much CPU the schedu
 CPU time of one thread (``time.process_time()`` with ``torch.set_num_threads(1)``, minimum over repeats) is
 disturbed far less, so it is what decides whether one change to a block helps. Two rows: inference (eval,
 ``no_grad``, batch 1 at ``--tokens``) and training (forward plus backward, batch 2 at ``--train-tokens``;
-the segmentor's decode + auxiliary loss), for both mLSTM backends. To compare two versions of the code, run the script at each commit in the same
-session and compare the rows.
+the segmentor's decode + auxiliary loss), for both mLSTM backends. To compare two versions of the code, run
+the script at each commit, one right after the other on the same machine, and compare the rows.
 """
 
 from __future__ import annotations
