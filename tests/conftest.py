@@ -46,12 +46,6 @@ def rng() -> np.random.Generator:
 
 
 @pytest.fixture
-def torch_rng() -> torch.Generator:
-    """A CPU torch generator with a fixed seed (pass it as ``generator=`` so global state stays untouched)."""
-    return torch.Generator().manual_seed(0)
-
-
-@pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
     """An empty folder for one run's outputs (checkpoints, logs, tables)."""
     path = tmp_path / "run"

@@ -214,8 +214,7 @@ def _result(miou_parts: list[float | None]) -> dict:
     }
 
 
-def test_rows_tables_and_plots(tmp_path):
-    rng = np.random.default_rng(0)
+def test_rows_tables_and_plots(tmp_path, rng):
     ious = [float(v) for v in rng.uniform(0.05, 0.95, len(CLASSES))]
     ious[4] = None  # a class absent from the split: NaN in mmseg, null in JSON
     good = tables.build_row("a", _result(ious), CLASSES, [512, 1024])
@@ -377,16 +376,16 @@ def test_compare_end_to_end_writes_every_file(tiny_study):
 
 
 @pytest.mark.slow  # a few minutes on the shared 2-core CPU (Lightning fit/test in child processes)
-def test_compare_evaluates_a_checkpoint_to_the_same_metrics(tiny_study, tmp_path):
+def test_compare_evaluates_a_checkpoint_to_the_same_metrics(tiny_study, run_dir):
     _, out, cfg, _ = tiny_study
     ckpt = out / "deeplabv3plus_r18" / "checkpoints" / "last.ckpt"
     trained = json.loads((out / "deeplabv3plus_r18" / "result.json").read_text())
     code = compare_main([
         "--models", "deeplabv3plus_r18", "--data", str(cfg), "--budget", "2", "--ckpts", f"deeplabv3plus_r18={ckpt}",
-        "--sizes", "64", "--flops-size", "64", "--repeats", "1", "--out", str(tmp_path), "--quiet",
+        "--sizes", "64", "--flops-size", "64", "--repeats", "1", "--out", str(run_dir), "--quiet",
     ])  # fmt: skip
     assert code == 0
-    res = json.loads((tmp_path / "deeplabv3plus_r18" / "result.json").read_text())
+    res = json.loads((run_dir / "deeplabv3plus_r18" / "result.json").read_text())
     assert res["run"]["mode"] == "evaluate"
     assert res["run"]["metrics"] == trained["run"]["metrics"]
     assert res["train_speed"]["source"] == "timed steps on random data"
