@@ -225,6 +225,9 @@ class RunCheckpoint(ModelCheckpoint):
         due = bool(minutes) and self.clock() - self._last_saved_at >= 60.0 * float(minutes)
         if stop or trainer.strategy.reduce_boolean_decision(due, all=False):
             path = os.path.join(self.dirpath, LAST_NAME)
+            # Set first so the saved state names it too: Lightning's next save_last (in this run or a resumed
+            # one) then rewrites this file instead of versioning a new last-v1.ckpt beside it.
+            self.last_model_path = path
             trainer.save_checkpoint(path)
             self._last_saved_at = self.clock()
         if stop:
