@@ -17,17 +17,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+import tifffile
 import torch
 from PIL import Image
 from rasterio.transform import Affine
 
 from seglstm.cli.main import main as seglstm
+from seglstm.data.convert import LABEL_COLOURS
 from seglstm.inference.loading import load_segmentor
 from seglstm.models.checkpoint import load_pretrained
 from seglstm.training.task import META_KEY
 from seglstm.utils.io import torch_load
 from tests.test_reliability import malicious_checkpoint
-from tests.test_reliability_helpers import RelTinySeg, make_synth, tree_digest, write_config
+from tests.test_reliability_helpers import RelTinySeg, damage, make_synth, tree_digest, write_config
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "reliability.md"
 
@@ -78,6 +80,23 @@ class Env:
         self.not_tiff = t / "notes.tif"
         self.not_tiff.write_text("this is not a raster")
         (t / "blocker").write_text("a file where the run folder's parent should be")
+
+        self.damaged = damage(self.ckpt, t / "damaged.ckpt")
+        wide = torch_load(self.ckpt)
+        wide["state_dict"] = {k: torch.randn(16, *v.shape[1:]) if k == "model.backbone.0.weight" else v
+                              for k, v in wide["state_dict"].items()}  # fmt: skip
+        self.wide = t / "wide.ckpt"
+        torch.save(wide, self.wide)
+        self.isprs = t / "isprs"
+        rng = np.random.default_rng(3)
+        self.isprs.mkdir()
+        for tile in ("2_10", "5_15"):  # 2_10 is a train tile, 5_15 a val tile of mmseg's lists
+            colours = np.array(list(LABEL_COLOURS), np.uint8)[rng.integers(0, 6, (40, 40))]
+            tifffile.imwrite(self.isprs / f"top_potsdam_{tile}_RGB.tif", rng.integers(0, 255, (40, 40, 3), np.uint8))
+            tifffile.imwrite(self.isprs / f"top_potsdam_{tile}_label.tif", colours, photometric="rgb")
+        cut = self.isprs / "top_potsdam_5_15_label.tif"
+        cut.write_bytes(cut.read_bytes()[:400])
+        self.converted = t / "potsdam"
 
     def scene(self, *argv: str) -> str:
         return self.cli("predict-scene", *argv, "--quiet", "--device", "cpu")
@@ -180,6 +199,28 @@ def cases() -> list[Case]:
         Case("checkpoint", "`test --ckpt_path last` in a run folder without checkpoints",
              lambda e: e.cli("test", "--config", str(e.cfg), "--ckpt_path", "last", "--trainer.default_root_dir", str(e.tmp / "fresh")),
              r"--ckpt_path last: no such checkpoint in .*fresh/checkpoints", lambda e: [e.tmp / "fresh"]),
+        Case("checkpoint", "checkpoint damaged in place (16 bytes flipped every 256 KiB, same size) to `load_pretrained`",
+             lambda e: e.api(lambda: load_pretrained(RelTinySeg(7), e.damaged)),
+             r"damaged\.ckpt is damaged: member '\S+' fails its CRC-32 check", lambda e: []),
+        Case("checkpoint", "the damaged checkpoint as `predict-scene --ckpt`",
+             lambda e: e.scene(str(e.tif), str(e.scene_out), "--ckpt", str(e.damaged)), r"damaged\.ckpt is damaged",
+             lambda e: [e.scene_out]),
+        Case("checkpoint", "the damaged checkpoint as `validate --ckpt_path`",
+             lambda e: e.cli("validate", "--config", str(e.cfg), "--ckpt_path", str(e.damaged)), r"damaged\.ckpt is damaged",
+             lambda e: [e.run_dir]),
+        Case("checkpoint", "the damaged checkpoint as `fit --ckpt_path` (resume)",
+             lambda e: e.cli("fit", "--config", str(e.cfg), "--ckpt_path", str(e.damaged)), r"damaged\.ckpt is damaged",
+             lambda e: [e.run_dir]),
+        Case("checkpoint", "`test --ckpt_path` with a checkpoint of another width",
+             lambda e: e.cli("test", "--config", str(e.cfg), "--ckpt_path", str(e.wide)),
+             r"wide\.ckpt does not fit the configured model.*model\.backbone\.0\.weight: checkpoint \(16, 3, 3, 3\) vs model \(8, 3, 3, 3\)",
+             lambda e: [e.run_dir]),
+        Case("checkpoint", "a second `fit` into a run folder that already holds a run",
+             lambda e: e.cli("fit", "--config", str(e.cfg)), r"run folder .*run already holds a run.*--auto-resume.*--new-version",
+             lambda e: [e.run_dir]),
+        Case("checkpoint", "`fit --auto-resume --new-version` (continue and start anew at once)",
+             lambda e: e.cli("fit", "--config", str(e.cfg), "--auto-resume", "--new-version"), r"--auto-resume .* --new-version",
+             lambda e: [e.run_dir]),
         # -- configs
         Case("config", "`class_path: os.system` as a callback",
              lambda e: e.cli("fit", "--config", str(e.yaml("os.yaml", e.cfg.read_text().replace(
@@ -218,6 +259,21 @@ def cases() -> list[Case]:
              lambda e: e.cli("fit", "--config", str(e.cfg), "--data.batch_size", "0"), r"batch_size", lambda e: [e.run_dir]),
         Case("cli", "`--trainer.max_nonfinite_steps -1`",
              lambda e: e.cli("fit", "--config", str(e.cfg), "--trainer.max_nonfinite_steps", "-1"), r"max_consecutive must be >= 0", lambda e: [e.run_dir]),
+        Case("cli", "`fit --model.lr -1`",
+             lambda e: e.cli("fit", "--config", str(e.cfg), "--model.lr", "-1"), r"model\.lr must be > 0, got -1", lambda e: [e.run_dir]),
+        Case("cli", "`test --out` below a regular file (unwritable), before the first batch",
+             lambda e: e.cli("test", "--config", str(e.cfg), "--ckpt_path", str(e.ckpt), "--out", str(e.tmp / "blocker" / "vis")),
+             r"--out .*blocker/vis: cannot write there", lambda e: [e.tmp / "blocker", e.run_dir]),
+        Case("cli", "`predict --out` below a regular file (unwritable), before the first batch",
+             lambda e: e.cli("predict", "--config", str(e.cfg), "--data.predict_root", str(e.data / "img_dir" / "val"),
+                             "--ckpt_path", str(e.ckpt), "--out", str(e.tmp / "blocker" / "pred")),
+             r"--out .*blocker/pred: cannot write there", lambda e: [e.tmp / "blocker"]),
+        Case("cli", "`synth --out` naming a regular file",
+             lambda e: e.cli("synth", "--out", str(e.tmp / "blocker"), "--train", "1", "--val", "1", "--size", "32", "--quiet"),
+             r"--out .*blocker: .*blocker is a file, not a folder", lambda e: [e.tmp / "blocker"]),
+        Case("cli", "`plot-log RUN --out FILE/x.png` (a file where the folder should be)",
+             lambda e: e.cli("plot-log", str(e.run_dir), "--out", str(e.tmp / "blocker" / "x.png")),
+             r"--out .*blocker/x\.png: cannot write the PNG there \(.*blocker is a file", lambda e: [e.tmp / "blocker"]),
         Case("cli", "`predict-scene --overlap` as large as the tile",
              lambda e: e.scene(str(e.tif), str(e.scene_out), "--ckpt", str(e.meta_ckpt), "--tile", "32", "--overlap", "32"),
              r"--overlap must be in \[0, tile=32\)", lambda e: [e.scene_out]),
@@ -236,6 +292,17 @@ def cases() -> list[Case]:
         Case("data", "400x400 image with `--data.max_pixels 100000` (decompression-bomb cap)",
              lambda e: e.fit_on(e.data_copy("bomb", _bomb), "--data.max_pixels", "100000"),
              r"bomb/\S+\.png: 400x400 = 160000 pixels exceeds max_pixels=100000", lambda e: []),
+        Case("data", "val image cut short (truncated PNG), found before the first training step",
+             lambda e: e.fit_on(e.data_copy("cutval", lambda r: _first_image(r, "val").write_bytes(_first_image(r, "val").read_bytes()[:300])),
+                                "--trainer.limit_val_batches", "1.0"),
+             r"val split has 1 bad file.*cutval/img_dir/val/\S+\.png: truncated image", lambda e: [e.tmp / "run_cutval"]),
+        Case("data", "val mask with label value 200, found before the first training step",
+             lambda e: e.fit_on(e.data_copy("val200", lambda r: Image.fromarray(np.full((32, 32), 200, np.uint8)).save(_first_mask(r, "val"))),
+                                "--trainer.limit_val_batches", "1.0"),
+             r"val200/ann_dir/val/\S+\.png: label values 200 are outside", lambda e: [e.tmp / "run_val200"]),
+        Case("data", "`convert` where a later tile's label is cut short",
+             lambda e: e.cli("convert", "potsdam", str(e.isprs), "--out", str(e.converted), "--clip-size", "32", "--quiet"),
+             r"5_15_label\.tif", lambda e: [e.converted], "none written: no partial dataset (the patches of the good tile are not kept)"),
         # -- GeoTIFFs
         Case("geotiff", "scene file that does not exist",
              lambda e: e.scene(str(e.tmp / "nowhere.tif"), str(e.scene_out), "--ckpt", str(e.meta_ckpt)), r"input .*nowhere\.tif does not exist", lambda e: [e.scene_out]),
@@ -329,6 +396,22 @@ def render(rows: list[str]) -> str:
         "the run;",
         "- SIGKILL in the middle of a checkpoint write leaves the previous checkpoint loadable; `--ckpt_path last`, "
         "`--auto-resume`, `SEGLSTM_AUTO_RESUME=1` or a torchrun elastic restart continue from it;",
+        "- with `save_last`, `last.ckpt` is refreshed at every checkpoint event, at least every "
+        "`last_every_minutes` (default 10) and on SIGINT/SIGTERM at the end of the running step (exit 130/143); "
+        "`--auto-resume` takes the run's newest checkpoint by global step (from `checkpoints/index.json`, "
+        "skipping damaged files), says which, or says there is none (`tests/test_training_checkpoints.py`);",
+        "- one run per run folder: `fit` into a folder holding a run refuses unless it resumes or `--new-version` "
+        "picks `<folder>-vN`; `--ckpt_path best` is the best score recorded in `checkpoints/index.json`;",
+        "- every zip-format checkpoint (what torch writes, ours and foreign) has its members' CRC-32 checked on "
+        "load, through every loader; legacy-format files carry no checksum and still load;",
+        "- `validate/test/predict --ckpt_path` also take a plain weights file (as `predict-scene --ckpt` does);",
+        "- `_base_` merges nested mappings recursively (`_delete_: true` replaces one), as mmengine does; "
+        "`--print_config` shows the result (`tests/test_training_config.py`);",
+        "- `convert` writes into a staging folder and moves the dataset into place only when every tile "
+        "converted;",
+        "- mIoU is shown in percent with 2 decimals (progress bar, validate/test tables); the logged metrics "
+        "`val/mIoU`, `test/mIoU`, `val/IoU.<class>` (CSV, TensorBoard, checkpoint monitor, `metrics.json`) "
+        "stay fractions in [0, 1];",
         "- every run folder is probed for writability and free space (one more checkpoint) before the first step;",
         "- a data item that fails in a DataLoader worker names its file and index;",
         "- DDP: a rank that exits makes the others fail with an error (tested on CPU with gloo); collectives "

@@ -272,8 +272,8 @@ def convert_isprs(
         )
     # Patches go to a staging folder beside the output, moved into place only when every tile converted:
     # a bad tile later in the list leaves the previous dataset (or nothing), never a partial one.
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=out))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.convert-", dir=out.parent))
     try:
         for tile in tqdm(sorted(tiles), desc=f"convert {dataset}", unit="tile", disable=not progress):
             split = known[tile]
@@ -295,6 +295,7 @@ def convert_isprs(
                     write_png(staging / "ann_dir" / split / name, np.ascontiguousarray(label[window]))
                     report.patches[split] += 1
             report.tiles[split].append(tile)
+        out.mkdir(exist_ok=True)
         for name in ("img_dir", "ann_dir"):
             if not (staging / name).exists():
                 continue

@@ -107,8 +107,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError(
                 f"{type(self).__name__} does not support storage_options, got {storage_options!r}"
             )
-        with atomic_path(path) as tmp:
-            torch.save(checkpoint, tmp)
+        # Saved through a file object, so the archive's root folder is torch's fixed "archive" rather than
+        # the random temporary name (the same state gives the same bytes).
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            torch.save(checkpoint, fh)
         _update_index(Path(path), checkpoint)
 
     def remove_checkpoint(self, path: str | os.PathLike) -> None:
