@@ -134,6 +134,13 @@ class RunConfigCallback(SaveConfigCallback):
     """Also keep the config of the latest ``fit`` as ``<run folder>/config.yaml`` (what README examples use);
     every run's own copy stays in its ``logs/version_N`` folder."""
 
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # Without a logger Lightning's log_dir is the run folder itself: a validate/test/predict there would
+        # overwrite the run's config.yaml with its own (which the next `--config RUN/config.yaml` then reads).
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir).resolve()
+        self.save_to_log_dir = log_dir != Path(trainer.default_root_dir).resolve()
+        super().setup(trainer, pl_module, stage)
+
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
