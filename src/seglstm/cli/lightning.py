@@ -38,10 +38,11 @@ from typing import Any, Literal
 import yaml
 from jsonargparse import Namespace
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, SaveConfigCallback
 
 from seglstm.data.io import DataError
 from seglstm.models.checkpoint import CheckpointMismatchError, load_pretrained
+from seglstm.training._lightning_compat import SubcommandHooksCLI
 from seglstm.training.callbacks import (
     LAST_NAME,
     SegPredictionWriter,
@@ -219,7 +220,7 @@ def _state_shapes(ckpt: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in (ckpt.get("state_dict") or {}).items() if hasattr(v, "shape")}
 
 
-class SegLightningCLI(LightningCLI):
+class SegLightningCLI(SubcommandHooksCLI):
     """LightningCLI with the project's checks, run layout and test/predict outputs (module docstring)."""
 
     def __init__(
@@ -240,10 +241,7 @@ class SegLightningCLI(LightningCLI):
         self.ckpt_shapes: dict[str, tuple[int, ...]] | None = None
         super().__init__(*args, **kwargs)
 
-    def _prepare_subcommand_parser(
-        self, klass: type, subcommand: str, **kwargs: Any
-    ) -> LightningArgumentParser:
-        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+    def add_subcommand_arguments(self, parser: LightningArgumentParser, subcommand: str) -> None:
         if subcommand == "test":
             parser.add_argument(
                 "--out",
@@ -263,7 +261,6 @@ class SegLightningCLI(LightningCLI):
         if subcommand in ("validate", "test"):
             # The metric table in percent (mmseg's way) is printed instead of Lightning's table of fractions.
             parser.set_defaults(verbose=False)
-        return parser
 
     # -- checkpoint hyper-parameters fill what the user left unset -----------------------------------------
 
@@ -298,7 +295,7 @@ class SegLightningCLI(LightningCLI):
         print(f"seglstm fit: auto-resume from {found}", file=sys.stderr)
         return str(found)
 
-    def _parse_ckpt_path(self) -> None:
+    def resolve_checkpoint(self) -> None:
         """Resolve ``last``/``best`` and ``--auto-resume``; let the checkpoint's hyper-parameters fill unset
         model settings; remember a plain weights file (loaded by ``load_pretrained``) and the state's shapes."""
         sub = self.config.get("subcommand")
@@ -328,7 +325,7 @@ class SegLightningCLI(LightningCLI):
         hparams = dict(ckpt.get("hyper_parameters", {}))
         for key in ("_instantiator", "_class_path"):
             hparams.pop(key, None)
-        defaults = self._subcommand_parsers[sub].get_defaults().model
+        defaults = self.subcommand_defaults(sub).model
         model_cfg = self.config[sub].model
         for key, value in hparams.items():
             if key in model_cfg and model_cfg[key] == defaults.get(key):

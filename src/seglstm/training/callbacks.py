@@ -33,6 +33,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelChe
 from lightning.pytorch.utilities import rank_zero_info
 
 from seglstm.data.folder import default_palette
+from seglstm.training._lightning_compat import last_saved_step, save_topk_and_last
 from seglstm.training.reports import (
     colorize,
     overlay,
@@ -189,11 +190,6 @@ class RunCheckpoint(ModelCheckpoint):
         self._root_dirpath(trainer)
         return super()._find_last_checkpoints(trainer)
 
-    def _save_now(self, trainer: pl.Trainer) -> None:
-        candidates = self._monitor_candidates(trainer)
-        self._save_topk_checkpoint(trainer, candidates)
-        self._save_last_checkpoint(trainer, candidates)
-
     # -- last.ckpt on a timer and on SIGINT / SIGTERM ------------------------------------------------------
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
@@ -252,14 +248,14 @@ class RunCheckpoint(ModelCheckpoint):
         # on_train_end, where Lightning already counts a part-done epoch as finished (a resume from there
         # would start the next epoch's data order).
         last_step = trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step
-        if self.save_on_train_end and last_step and self._last_global_step_saved != trainer.global_step:
-            self._save_now(trainer)
+        if self.save_on_train_end and last_step and last_saved_step(self) != trainer.global_step:
+            save_topk_and_last(self, trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore_sigint()
         # Training stopped for another reason (max_epochs, max_time, early stopping): save what there is.
-        if self.save_on_train_end and self._last_global_step_saved != trainer.global_step:
-            self._save_now(trainer)
+        if self.save_on_train_end and last_saved_step(self) != trainer.global_step:
+            save_topk_and_last(self, trainer)
         super().on_train_end(trainer, pl_module)
 
 
