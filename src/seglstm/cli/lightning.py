@@ -272,7 +272,7 @@ class SegLightningCLI(SubcommandHooksCLI):
         return Path(trainer_cfg.default_root_dir)
 
     def _resolve_ckpt_alias(self, sub: str, ckpt_path: str) -> str:
-        """``last``/``best`` outside ``fit`` name files of this run's ``checkpoints`` folder."""
+        """``last``/``best`` name files of this run's ``checkpoints`` folder."""
         folder = self._run_root() / "checkpoints"
         if ckpt_path == "last":
             if not (folder / LAST_NAME).is_file():
@@ -302,7 +302,7 @@ class SegLightningCLI(SubcommandHooksCLI):
         if not sub:
             return
         ckpt_path = self.config[sub].get("ckpt_path")
-        if ckpt_path in ("last", "best") and sub != "fit":
+        if ckpt_path in ("last", "best"):  # for fit too: a missing last.ckpt is an error, not a fresh start
             ckpt_path = self._resolve_ckpt_alias(sub, ckpt_path)
         if sub == "fit" and ckpt_path is None and self.auto_resume:
             ckpt_path = self.config[sub].ckpt_path = self._auto_resume_path()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -194,6 +195,10 @@ class RunCheckpoint(ModelCheckpoint):
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         self._signal = "SIGINT"
+        print(
+            "\nSIGINT: stopping after this step and writing last.ckpt (Ctrl-C again stops at once, without it)",
+            file=sys.stderr,
+        )
         # A second Ctrl-C interrupts at once (Python's default handler raises KeyboardInterrupt).
         signal.signal(signal.SIGINT, signal.default_int_handler)
 

@@ -90,6 +90,12 @@ def _check_optimizer_values(
 class SegmentationTask(LightningModule):
     """Train, validate, test and predict with a registered segmentor and the seed's recipe.
 
+    Logged metrics (CSV, TensorBoard, ``ModelCheckpoint(monitor=...)``, ``trainer.callback_metrics``) are
+    fractions in [0, 1]: ``val/mIoU``, ``val/mAcc``, ``val/aAcc``, ``val/mFscore``, ``val/mDice``,
+    ``val/IoU.<class>`` and the same under ``test/``; ``train/loss``, ``train/loss_*``, ``train/lr``,
+    ``train/nonfinite_steps``. What is shown to people (the metric tables, the progress bar) is in percent
+    with 2 decimals, as mmseg prints it.
+
     Args:
         model: registry preset name (``seglstm.list_models()``), e.g. ``seglstm_upernet_s``.
         num_classes: output classes; the CLI fills it from the data module and rejects a conflicting value.
