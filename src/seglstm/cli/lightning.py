@@ -307,8 +307,10 @@ class SegLightningCLI(SubcommandHooksCLI):
         if sub == "fit" and ckpt_path is None and self.auto_resume:
             ckpt_path = self.config[sub].ckpt_path = self._auto_resume_path()
         self.resuming = sub == "fit" and (ckpt_path is not None or self.auto_resume)
-        if not ckpt_path or not Path(ckpt_path).is_file():
+        if not ckpt_path or "://" in str(ckpt_path):  # remote paths are Lightning's (fsspec)
             return
+        if not Path(ckpt_path).is_file():
+            raise ConfigValueError(f"--ckpt_path {ckpt_path}: no such file")
         ckpt = torch_load(ckpt_path, unsafe=self.unsafe_load)
         if not isinstance(ckpt, dict):
             raise ConfigValueError(f"--ckpt_path {ckpt_path}: not a checkpoint dictionary")
