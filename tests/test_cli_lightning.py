@@ -102,7 +102,7 @@ def test_every_config_parses(capsys: pytest.CaptureFixture) -> None:
 
 
 def test_fit_validate_test_predict_and_plot(
-    tmp_path: Path, synth: Path, capsys: pytest.CaptureFixture
+    tmp_path: Path, synth: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
 ) -> None:
     cfg = _config(tmp_path, synth)
     run = tmp_path / "run"
@@ -126,9 +126,15 @@ def test_fit_validate_test_predict_and_plot(
         assert column in csv_text.splitlines()[0]
     assert list((run / "logs" / "version_0" / "tb").glob("events.out.tfevents.*"))
 
+    caplog.clear()
     assert seglstm(["validate", "--config", str(cfg), "--ckpt_path", "last"]) == 0
-    val_out = capsys.readouterr().out
-    assert "val/mIoU" in val_out
+    seen = capsys.readouterr()
+    # mIoU in percent with 2 decimals, as in the tables; not Lightning's table of fractions
+    shown = seen.out + seen.err + caplog.text
+    means = re.search(r"\|\s+aAcc \|\s+mIoU \|.*\n\|[-|]+\|\n\|\s+([\d.]+) \|\s+([\d.]+) \|", shown)
+    assert means is not None, shown[-2000:]
+    assert re.fullmatch(r"\d+\.\d\d", means.group(2))
+    assert "val/mIoU" not in seen.out
 
     out = tmp_path / "vis"
     assert seglstm(["test", "--config", str(cfg), "--ckpt_path", "best", "--out", str(out)]) == 0

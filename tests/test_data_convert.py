@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from PIL import Image
 from seglstm.cli.convert import main as convert_cli
 from seglstm.data import DataError, Potsdam, Vaihingen
 from seglstm.data.convert import LABEL_COLOURS, POTSDAM_SPLITS, colour_to_label, convert_isprs, window_starts
+from tests.test_reliability_helpers import tree_digest
 
 COLOURS = list(LABEL_COLOURS)  # index = stored value
 pytestmark = pytest.mark.filterwarnings("ignore:.*of mmseg's tiles are missing")
@@ -199,3 +201,28 @@ def test_colour_to_label_reference() -> None:
     assert unknown == 4
     assert COLOURS[1] == (255, 255, 255) and COLOURS[2] == (0, 0, 255) and COLOURS[6] == (255, 0, 0)
     assert len(POTSDAM_SPLITS["train"]) == 24 and len(POTSDAM_SPLITS["val"]) == 14
+
+
+def test_bad_later_tile_leaves_no_partial_dataset(tmp_path: Path, potsdam_src: tuple[Path, dict]) -> None:
+    src, _ = potsdam_src
+    out = tmp_path / "out"
+    kwargs = dict(clip_size=64, stride=32, eroded=True, progress=False)
+    with pytest.warns(UserWarning):
+        convert_isprs("potsdam", [src], out, **kwargs)
+    before = tree_digest(out)
+    assert before
+    # 5_15 sorts after 2_10: its label is cut short, so two tiles would already have been written
+    bad_src = tmp_path / "bad"
+    shutil.copytree(src, bad_src)
+    label = bad_src / "5_Labels_all_noBoundary.zip"
+    with zipfile.ZipFile(src / "5_Labels_all_noBoundary.zip") as good, zipfile.ZipFile(label, "w") as zf:
+        for info in good.infolist():
+            data = good.read(info)
+            zf.writestr(info, data[:400] if "5_15" in info.filename else data)
+    with pytest.raises(DataError, match=r"5_15"), pytest.warns(UserWarning):
+        convert_isprs("potsdam", [bad_src], out, overwrite=True, **kwargs)
+    assert tree_digest(out) == before  # the previous dataset, untouched, and no staging folder left
+    fresh = tmp_path / "fresh"
+    with pytest.raises(DataError), pytest.warns(UserWarning):
+        convert_isprs("potsdam", [bad_src], fresh, **kwargs)
+    assert tree_digest(fresh) == {}

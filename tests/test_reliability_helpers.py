@@ -115,6 +115,17 @@ def tree_digest(folder: Path) -> dict[str, str]:
     }
 
 
+def damage(path: Path, out: Path | None = None, start: int = 1024, every: int = 256 * 1024) -> Path:
+    """Flip 16 bytes every ``every`` bytes from ``start`` (same size, zip structure intact, CRCs broken), as a
+    bad disk or copy would; written to ``out`` (default: in place)."""
+    data = bytearray(path.read_bytes())
+    for offset in range(start, len(data) - 16, every):
+        data[offset : offset + 16] = bytes(b ^ 0xFF for b in data[offset : offset + 16])
+    target = out or path
+    target.write_bytes(bytes(data))
+    return target
+
+
 class DieOnce(Callback):
     """Exit at once (``os._exit``) after training step ``step`` on rank ``rank``, on the first attempt only (a
     torchrun elastic restart has ``TORCHELASTIC_RESTART_COUNT`` > 0)."""

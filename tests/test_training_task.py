@@ -170,8 +170,10 @@ def test_checkpoint_is_weights_only_and_rebuilds_with_load_segmentor(tmp_path: P
     task.eval()
     torch.testing.assert_close(model.inference(x, **info["test_cfg"]), task.predict_logits(x))
     # final save at the last step (3 is not a multiple of every_n_train_steps=2)
-    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("*.ckpt"))
     assert names == ["iter_3.ckpt", "last.ckpt"]
+    index = json.loads((tmp_path / "checkpoints" / "index.json").read_text())
+    assert {k: v["global_step"] for k, v in index["checkpoints"].items()} == {"iter_3.ckpt": 3, "last.ckpt": 3}
 
 
 def test_validation_metrics_and_lr_are_logged(tmp_path: Path) -> None:

@@ -200,7 +200,8 @@ def main(argv: list[str]) -> int:
 
         common = ["--config", str(config), "--data.root", str(root), "--trainer.default_root_dir", str(out)]
         t = time.perf_counter()
-        _run("train", ["fit", *common, *spec["overrides"]])
+        # --auto-resume: a second demo continues (or, when finished, keeps) the run in its folder
+        _run("train", ["fit", *common, "--auto-resume", *spec["overrides"]])
         times["train"] = time.perf_counter() - t
 
         report = out / "report"

@@ -16,7 +16,15 @@ dotted overrides (``--trainer.max_steps 100``, ``--model.model_kwargs '{depths: 
   project's or Lightning's modules unless ``--allow-class-path MODULE`` names it, and checkpoints load with
   ``weights_only=True`` unless ``--unsafe-load`` (which warns);
 - with ``--auto-resume`` (or ``SEGLSTM_AUTO_RESUME=1``, or a torchrun elastic restart) ``fit`` resumes from
-  the run's ``checkpoints/last.ckpt`` when there is one.
+  the run's newest checkpoint by global step (``checkpoints/index.json``, else each file's own step) and
+  says which, or says that there is none and starts at step 0;
+- keeps one run per run folder: ``fit`` into a folder that already holds a run refuses unless it resumes
+  (``--auto-resume``, ``--ckpt_path``) or ``--new-version`` sends it to a new ``<folder>-vN``;
+- resolves ``--ckpt_path best`` to the best score recorded in ``checkpoints/index.json``, not the newest file;
+- accepts a plain weights file as ``--ckpt_path`` for validate/test/predict (as ``predict-scene`` does), and
+  refuses a checkpoint that does not fit the configured model in one line naming the first keys;
+- scans the val split cheaply before ``fit``/``validate`` (headers, truncated files, label values) and
+  checks ``test/predict --out`` is writable before the first batch.
 """
 
 from __future__ import annotations
@@ -25,21 +33,29 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from jsonargparse import Namespace
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, SaveConfigCallback
 
 from seglstm.data.io import DataError
-from seglstm.training.callbacks import SegPredictionWriter, TestReportWriter
+from seglstm.models.checkpoint import CheckpointMismatchError, load_pretrained
+from seglstm.training._lightning_compat import SubcommandHooksCLI
+from seglstm.training.callbacks import (
+    LAST_NAME,
+    SegPredictionWriter,
+    TestReportWriter,
+    TrainingInterrupted,
+    read_index,
+)
 from seglstm.training.config import ConfigError, check_class_paths, compose_config, has_bases
-from seglstm.training.faults import NonFiniteLossError, RunDirectoryError
+from seglstm.training.faults import NonFiniteLossError, RunDirectoryError, probe_dir
 from seglstm.training.optim import check_schedule
 from seglstm.training.task import SegmentationTask
 from seglstm.training.trainer import SegTrainer
-from seglstm.utils.io import CheckpointLoadError, atomic_write_text, torch_load
+from seglstm.utils.io import CheckpointLoadError, atomic_write_text, torch_load, verify_checkpoint_crcs
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 RUNS_DIR = "runs"
@@ -119,14 +135,92 @@ class RunConfigCallback(SaveConfigCallback):
     """Also keep the config of the latest ``fit`` as ``<run folder>/config.yaml`` (what README examples use);
     every run's own copy stays in its ``logs/version_N`` folder."""
 
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # Without a logger Lightning's log_dir is the run folder itself: a validate/test/predict there would
+        # overwrite the run's config.yaml with its own (which the next `--config RUN/config.yaml` then reads).
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir).resolve()
+        self.save_to_log_dir = log_dir != Path(trainer.default_root_dir).resolve()
+        super().setup(trainer, pl_module, stage)
+
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        text = self.parser.dump(self.config, skip_none=False)
+        # Paths become absolute so `validate --config RUN/config.yaml` works from any folder.
+        config = self.config.clone()
+        for group, key in (("data", "root"), ("data", "predict_root"), ("data", "classes_file"),
+                           ("trainer", "default_root_dir")):  # fmt: skip
+            value = config[group].get(key) if config.get(group) is not None else None
+            if isinstance(value, str):
+                config[group][key] = str(Path(value).resolve())
+        text = self.parser.dump(config, skip_none=False)
         atomic_write_text(Path(trainer.default_root_dir) / self.config_filename, text)
 
 
-class SegLightningCLI(LightningCLI):
+def holds_run(root: Path) -> bool:
+    """Whether a run folder already holds a run: checkpoints, or the config a ``fit`` saved."""
+    return (root / "config.yaml").is_file() or any((root / "checkpoints").glob("*.ckpt"))
+
+
+def newest_checkpoint(folder: Path) -> tuple[Path | None, list[str]]:
+    """The checkpoint of ``folder`` with the highest global step, skipping damaged ones.
+
+    Steps come from ``index.json`` (written with every checkpoint), else from the file itself. On a tie the
+    folder's ``last.ckpt`` wins (it carries the same state as the periodic file of that step).
+
+    Returns:
+        ``(path or None, notes on files skipped)``.
+    """
+    index = read_index(folder)["checkpoints"]
+    notes: list[str] = []
+    steps: dict[Path, int] = {}
+    for path in sorted(folder.glob("*.ckpt")):
+        entry = index.get(path.name)
+        if entry is not None:
+            steps[path] = int(entry.get("global_step", -1))
+            continue
+        try:
+            steps[path] = int(torch_load(path).get("global_step", -1))
+        except (CheckpointLoadError, AttributeError) as err:
+            notes.append(f"skipped {path}: {err}")
+    for path in sorted(steps, key=lambda p: (steps[p], p.name == LAST_NAME), reverse=True):
+        try:
+            verify_checkpoint_crcs(path)
+        except CheckpointLoadError as err:
+            notes.append(f"skipped {err}")
+            continue
+        return path, notes
+    return None, notes
+
+
+def best_checkpoint(folder: Path) -> Path:
+    """The file with the best score recorded in ``index.json`` (the monitor of ``val/mIoU`` when several are)."""
+    recorded = {
+        monitor: entry for monitor, entry in read_index(folder)["best"].items() if (folder / entry["file"]).is_file()
+    }
+    if len(recorded) > 1:
+        recorded = {k: v for k, v in recorded.items() if k == "val/mIoU"} or recorded
+    if len(recorded) == 1:
+        return folder / next(iter(recorded.values()))["file"]
+    if len(recorded) > 1:
+        raise ConfigValueError(
+            f"--ckpt_path best: {folder} records best checkpoints for {', '.join(sorted(recorded))}; name the file"
+        )
+    candidates = sorted(folder.glob("best*.ckpt"))
+    if len(candidates) == 1:  # a folder from before index.json: one best file is unambiguous
+        return candidates[0]
+    if not candidates:
+        raise ConfigValueError(f"--ckpt_path best: no such checkpoint in {folder}")
+    raise ConfigValueError(
+        f"--ckpt_path best: {folder} has {len(candidates)} best*.ckpt files and no index.json recording their "
+        "scores; name the file"
+    )
+
+
+def _state_shapes(ckpt: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in (ckpt.get("state_dict") or {}).items() if hasattr(v, "shape")}
+
+
+class SegLightningCLI(SubcommandHooksCLI):
     """LightningCLI with the project's checks, run layout and test/predict outputs (module docstring)."""
 
     def __init__(
@@ -135,17 +229,19 @@ class SegLightningCLI(LightningCLI):
         run_name: str | None = None,
         unsafe_load: bool = False,
         auto_resume: bool = False,
+        new_version: bool = False,
         **kwargs: Any,
     ) -> None:
         self.run_name = run_name
         self.unsafe_load = unsafe_load
         self.auto_resume = auto_resume
+        self.new_version = new_version
+        self.resuming = False
+        self.weights_file: str | None = None
+        self.ckpt_shapes: dict[str, tuple[int, ...]] | None = None
         super().__init__(*args, **kwargs)
 
-    def _prepare_subcommand_parser(
-        self, klass: type, subcommand: str, **kwargs: Any
-    ) -> LightningArgumentParser:
-        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+    def add_subcommand_arguments(self, parser: LightningArgumentParser, subcommand: str) -> None:
         if subcommand == "test":
             parser.add_argument(
                 "--out",
@@ -157,13 +253,14 @@ class SegLightningCLI(LightningCLI):
             parser.add_argument("--out", type=str, required=True, help="folder for the predicted masks")
             parser.add_argument(
                 "--format",
-                type=str,
+                type=Literal["png", "loveda"],
                 default="png",
-                choices=["png", "loveda"],
                 help="png: masks/ (class indices) + color/; loveda: the LoveDA submission (values 0-6)",
             )
             parser.set_defaults(return_predictions=False)
-        return parser
+        if subcommand in ("validate", "test"):
+            # The metric table in percent (mmseg's way) is printed instead of Lightning's table of fractions.
+            parser.set_defaults(verbose=False)
 
     # -- checkpoint hyper-parameters fill what the user left unset -----------------------------------------
 
@@ -175,39 +272,62 @@ class SegLightningCLI(LightningCLI):
         return Path(trainer_cfg.default_root_dir)
 
     def _resolve_ckpt_alias(self, sub: str, ckpt_path: str) -> str:
-        """``last``/``best`` outside ``fit`` name files of this run's ``checkpoints`` folder."""
+        """``last``/``best`` name files of this run's ``checkpoints`` folder."""
         folder = self._run_root() / "checkpoints"
         if ckpt_path == "last":
-            found = [folder / "last.ckpt"] if (folder / "last.ckpt").is_file() else []
+            if not (folder / LAST_NAME).is_file():
+                raise ConfigValueError(f"--ckpt_path last: no such checkpoint in {folder}")
+            found = folder / LAST_NAME
         else:
-            found = sorted(folder.glob("best*.ckpt"), key=lambda p: p.stat().st_mtime)
-        if not found:
-            raise ConfigValueError(f"--ckpt_path {ckpt_path}: no such checkpoint in {folder}")
-        self.config[sub].ckpt_path = str(found[-1])
-        return str(found[-1])
+            found = best_checkpoint(folder)
+        print(f"seglstm {sub}: --ckpt_path {ckpt_path} is {found}", file=sys.stderr)
+        self.config[sub].ckpt_path = str(found)
+        return str(found)
 
-    def _parse_ckpt_path(self) -> None:
-        """Resolve ``last``/``best``; then let the checkpoint's hyper-parameters fill unset model settings."""
+    def _auto_resume_path(self) -> str | None:
+        folder = self._run_root() / "checkpoints"
+        found, notes = newest_checkpoint(folder)
+        for note in notes:
+            print(f"seglstm fit: auto-resume {note}", file=sys.stderr)
+        if found is None:
+            print(f"seglstm fit: auto-resume: no checkpoint of this run in {folder}; starting at step 0", file=sys.stderr)
+            return None
+        print(f"seglstm fit: auto-resume from {found}", file=sys.stderr)
+        return str(found)
+
+    def resolve_checkpoint(self) -> None:
+        """Resolve ``last``/``best`` and ``--auto-resume``; let the checkpoint's hyper-parameters fill unset
+        model settings; remember a plain weights file (loaded by ``load_pretrained``) and the state's shapes."""
         sub = self.config.get("subcommand")
         if not sub:
             return
         ckpt_path = self.config[sub].get("ckpt_path")
-        if ckpt_path in ("last", "best") and sub != "fit":
+        if ckpt_path in ("last", "best"):  # for fit too: a missing last.ckpt is an error, not a fresh start
             ckpt_path = self._resolve_ckpt_alias(sub, ckpt_path)
         if sub == "fit" and ckpt_path is None and self.auto_resume:
-            last = self._run_root() / "checkpoints" / "last.ckpt"
-            if last.is_file():
-                print(f"seglstm fit: resuming from {last} (auto-resume)", file=sys.stderr)
-                ckpt_path = self.config[sub].ckpt_path = str(last)
-        if not ckpt_path or not Path(ckpt_path).is_file():
+            ckpt_path = self.config[sub].ckpt_path = self._auto_resume_path()
+        self.resuming = sub == "fit" and (ckpt_path is not None or self.auto_resume)
+        if not ckpt_path or "://" in str(ckpt_path):  # remote paths are Lightning's (fsspec)
             return
+        if not Path(ckpt_path).is_file():
+            raise ConfigValueError(f"--ckpt_path {ckpt_path}: no such file")
         ckpt = torch_load(ckpt_path, unsafe=self.unsafe_load)
         if not isinstance(ckpt, dict):
             raise ConfigValueError(f"--ckpt_path {ckpt_path}: not a checkpoint dictionary")
+        if "pytorch-lightning_version" not in ckpt:
+            if sub == "fit":
+                raise ConfigValueError(
+                    f"--ckpt_path {ckpt_path} holds weights only, not a training checkpoint (no optimizer or "
+                    "loop state), so fit cannot resume from it"
+                )
+            self.weights_file = str(ckpt_path)
+            self.config[sub].ckpt_path = None
+            return
+        self.ckpt_shapes = _state_shapes(ckpt)
         hparams = dict(ckpt.get("hyper_parameters", {}))
         for key in ("_instantiator", "_class_path"):
             hparams.pop(key, None)
-        defaults = self._subcommand_parsers[sub].get_defaults().model
+        defaults = self.subcommand_defaults(sub).model
         model_cfg = self.config[sub].model
         for key, value in hparams.items():
             if key in model_cfg and model_cfg[key] == defaults.get(key):
@@ -225,6 +345,8 @@ class SegLightningCLI(LightningCLI):
         cfg.trainer.unsafe_load = self.unsafe_load
         self._check_data_paths(cfg.data, sub)
         self._link_num_classes(cfg)
+        if sub == "fit" and self.new_version:
+            cfg.trainer.default_root_dir = str(self._free_version(self._run_root()))
         root = self._run_root()
         if sub == "fit":
             self._check_schedule(cfg)
@@ -232,6 +354,82 @@ class SegLightningCLI(LightningCLI):
                 f"seglstm fit: run folder {root} (checkpoints/, logs/version_N/, config.yaml)",
                 file=sys.stderr,
             )
+
+    @staticmethod
+    def _free_version(root: Path) -> Path:
+        """``root`` itself while it holds no run, else the first ``<root>-vN`` that does not."""
+        candidate, n = root, 1
+        while holds_run(candidate):
+            candidate, n = root.with_name(f"{root.name}-v{n}"), n + 1
+        return candidate
+
+    # -- checks right before the command runs (everything is built) -----------------------------------------
+
+    def _check_ckpt_fits(self, sub: str) -> None:
+        """A checkpoint of another width or class count fails here in one line, not deep in Lightning."""
+        target = self.model.model
+        if self.weights_file is not None:
+            try:
+                report = load_pretrained(target, self.weights_file, strict=True, unsafe=self.unsafe_load)
+            except CheckpointMismatchError as err:
+                raise ConfigValueError(f"--ckpt_path {err}") from err
+            print(f"seglstm {sub}: {report} from {self.weights_file} (weights only)", file=sys.stderr)
+            return
+        if self.ckpt_shapes is None:
+            return
+        own = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+        ckpt_path = self.config[sub].get("ckpt_path")
+        wrong = [f"{k}: checkpoint {v} vs model {own[k]}" for k, v in self.ckpt_shapes.items() if k in own and own[k] != v]
+        missing = sorted(set(own) - set(self.ckpt_shapes))
+        unexpected = sorted(set(self.ckpt_shapes) - set(own))
+        if wrong:
+            raise ConfigValueError(
+                f"--ckpt_path {ckpt_path} does not fit the configured model (another width or class count?): "
+                + "; ".join(wrong[:3]) + (f"; ... ({len(wrong) - 3} more)" if len(wrong) > 3 else "")
+            )
+        if missing or unexpected:
+            raise ConfigValueError(
+                f"--ckpt_path {ckpt_path} does not match the configured model (another depth or preset?): "
+                f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''}, unexpected "
+                f"{unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}"
+            )
+
+    def _scan_val(self) -> None:
+        if self.trainer.limit_val_batches == 0:
+            return
+        self.datamodule.scan("val", progress=self.trainer.is_global_zero)
+
+    def before_fit(self) -> None:
+        root = Path(self.trainer.default_root_dir)
+        if not self.resuming and holds_run(root):
+            raise RunDirectoryError(
+                f"run folder {root} already holds a run (config.yaml or checkpoints/): continue it with "
+                "--auto-resume, or start a new one with --new-version (or another trainer.default_root_dir)"
+            )
+        self._check_ckpt_fits("fit")
+        self._scan_val()
+
+    def before_validate(self) -> None:
+        self._check_ckpt_fits("validate")
+        self._scan_val()
+
+    @staticmethod
+    def _probe_out(sub: str, out: str | None) -> None:
+        """An unwritable ``--out`` fails before the first batch instead of after it."""
+        if out is None:
+            return
+        try:
+            probe_dir(out)
+        except RunDirectoryError as err:
+            raise ConfigValueError(f"--out {out}: cannot write there ({err.__cause__})") from err
+
+    def before_test(self) -> None:
+        self._check_ckpt_fits("test")
+        self._probe_out("test", self.config["test"].get("out"))
+
+    def before_predict(self) -> None:
+        self._check_ckpt_fits("predict")
+        self._probe_out("predict", self.config["predict"].out)
 
     def instantiate_classes(self) -> None:
         """Build data, model and trainer; a bad value surfaces here, before any step, naming its key."""
@@ -301,14 +499,33 @@ class SegLightningCLI(LightningCLI):
         return trainer
 
 
-def pop_safety_flags(argv: list[str]) -> tuple[list[str], bool, tuple[str, ...], bool]:
-    """Take ``--unsafe-load``, ``--allow-class-path MODULE`` (repeatable) and ``--auto-resume`` out of ``argv``.
+SEGLSTM_FLAGS = {
+    "--auto-resume": "fit: continue from this run's newest checkpoint (by global step), or start at step 0 "
+    "when it has none (also SEGLSTM_AUTO_RESUME=1, and every torchrun elastic restart)",
+    "--new-version": "fit: when the run folder already holds a run, train into the first free <folder>-vN",
+    "--unsafe-load": "read checkpoints with full unpickling (runs code from the file: trusted files only)",
+    "--allow-class-path MODULE": "let configs name classes from MODULE (repeatable); by default only seglstm, "
+    "Lightning's callbacks/loggers/strategies/plugins/profilers and torch.optim",
+}
+
+
+def seglstm_help() -> str:
+    """The options seglstm reads before LightningCLI (printed after its ``--help``)."""
+    width = max(map(len, SEGLSTM_FLAGS))
+    lines = ["", "seglstm options (any position):"]
+    lines += [f"  {flag:<{width}}  {text}" for flag, text in SEGLSTM_FLAGS.items()]
+    return "\n".join(lines)
+
+
+def pop_safety_flags(argv: list[str]) -> tuple[list[str], bool, tuple[str, ...], bool, bool]:
+    """Take ``--unsafe-load``, ``--allow-class-path MODULE`` (repeatable), ``--auto-resume`` and
+    ``--new-version`` out of ``argv``.
 
     Returns:
-        ``(rest, unsafe_load, allowed_modules, auto_resume)``.
+        ``(rest, unsafe_load, allowed_modules, auto_resume, new_version)``.
     """
     rest: list[str] = []
-    unsafe = auto_resume = False
+    unsafe = auto_resume = new_version = False
     allowed: list[str] = []
     i = 0
     while i < len(argv):
@@ -317,6 +534,8 @@ def pop_safety_flags(argv: list[str]) -> tuple[list[str], bool, tuple[str, ...],
             unsafe = True
         elif arg == "--auto-resume":
             auto_resume = True
+        elif arg == "--new-version":
+            new_version = True
         elif arg == "--allow-class-path":
             if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
                 raise ConfigError("--allow-class-path needs a module name, e.g. --allow-class-path mypkg")
@@ -327,7 +546,9 @@ def pop_safety_flags(argv: list[str]) -> tuple[list[str], bool, tuple[str, ...],
         else:
             rest.append(arg)
         i += 1
-    return rest, unsafe, tuple(a for a in allowed if a), auto_resume
+    if auto_resume and new_version:
+        raise ConfigError("--auto-resume continues this run and --new-version starts another: give one")
+    return rest, unsafe, tuple(a for a in allowed if a), auto_resume, new_version
 
 
 def _env_auto_resume() -> bool:
@@ -344,28 +565,38 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seglstm: expected one of {', '.join(SUBCOMMANDS)} as the first argument", file=sys.stderr)
         return 2
     try:
-        argv, unsafe_load, allowed, auto_resume = pop_safety_flags(argv)
+        argv, unsafe_load, allowed, auto_resume, new_version = pop_safety_flags(argv)
         expanded, names = expand_configs(argv, allowed)
         # argv is handed over explicitly (composed configs replace file names), which LightningCLI would
         # otherwise report as "args given while sys.argv also has arguments" on every run.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-        SegLightningCLI(
-            SegmentationTask,
-            _datamodule_class(),
-            trainer_class=SegTrainer,
-            seed_everything_default=0,
-            auto_configure_optimizers=False,
-            save_config_callback=RunConfigCallback,
-            save_config_kwargs={"overwrite": True},
-            args=expanded,
-            run_name=names[-1] if names else None,
-            unsafe_load=unsafe_load,
-            auto_resume=auto_resume or _env_auto_resume(),
-        )
+        try:
+            SegLightningCLI(
+                SegmentationTask,
+                _datamodule_class(),
+                trainer_class=SegTrainer,
+                seed_everything_default=0,
+                auto_configure_optimizers=False,
+                save_config_callback=RunConfigCallback,
+                save_config_kwargs={"overwrite": True},
+                args=expanded,
+                run_name=names[-1] if names else None,
+                unsafe_load=unsafe_load,
+                auto_resume=auto_resume or _env_auto_resume(),
+                new_version=new_version,
+            )
+        except SystemExit:
+            if any(a in ("-h", "--help") for a in argv):
+                print(seglstm_help())
+            raise
     except (ConfigError, ConfigValueError) as err:
-        print(f"seglstm {argv[0]}: error: {err}", file=sys.stderr)
+        print(f"\nseglstm {argv[0]}: error: {err}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as stop:
+        print(f"\nseglstm {argv[0]}: {stop}", file=sys.stderr)
+        return stop.exit_code
     except (CheckpointLoadError, RunDirectoryError, NonFiniteLossError, DataError, OSError) as err:
-        print(f"seglstm {argv[0]}: error: {err}", file=sys.stderr)
+        # A newline first: a progress bar may have left the cursor at the end of its line.
+        print(f"\nseglstm {argv[0]}: error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -126,13 +126,20 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--out", default=None, help="PNG to write (default: RUN_DIR/curves.png)")
     args = parser.parse_args(argv)
+    run = Path(args.run_dir)
+    out = Path(args.out) if args.out else (run.parent if run.is_file() else run) / "curves.png"
     try:
+        blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+        if blocker is not None or out.is_dir():
+            where = f"{blocker} is a file, not a folder" if blocker is not None else f"{out} is a folder"
+            raise ValueError(f"--out {out}: cannot write the PNG there ({where})")
         paths = find_csv_logs(args.run_dir)
-        run = Path(args.run_dir)
-        out = Path(args.out) if args.out else (run.parent if run.is_file() else run) / "curves.png"
         plot_curves(read_curves(paths), out, title=str(run))
     except (LogError, ValueError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        print(f"{PROG}: error: --out {out}: cannot write ({err.strerror or err})", file=sys.stderr)
+        return 1
     print(f"{PROG}: wrote {out} from {len(paths)} log file(s)")
     return 0

@@ -34,6 +34,11 @@ def main(argv: list[str]) -> int:
         _parser().error("give --out DIR (and/or --grid PNG)")
     from seglstm.data.synthetic import generate, sample_grid, sample_scenes
 
+    for flag, path in (("--out", args.out), ("--grid", args.grid)):
+        blocker = None if path is None else next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        if blocker is not None and not (flag == "--grid" and blocker == path):
+            print(f"seglstm synth: error: {flag} {path}: {blocker} is a file, not a folder", file=sys.stderr)
+            return 2
     try:
         if args.out is not None:
             root = generate(
@@ -46,5 +51,8 @@ def main(argv: list[str]) -> int:
             print(f"sample grid written to {args.grid}")
     except (ValueError, FileExistsError) as err:
         print(f"seglstm synth: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        print(f"seglstm synth: error: cannot write {err.filename or args.out}: {err.strerror or err}", file=sys.stderr)
         return 1
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -126,3 +127,79 @@ def check_dataset(dataset: SegDataset, num_workers: int = 0, progress: bool = Tr
         if absent:
             report.notes.append(f"classes never labelled in this split: {', '.join(absent)}")
     return report
+
+
+def file_complete(path: str | Path) -> bool:
+    """Whether an image file holds all its bytes, judged from its end: PNG's ``IEND`` chunk, JPEG's end-of-image
+    marker, or every TIFF strip/tile inside the file. Other formats are assumed complete.
+
+    Cheap (reads a few bytes, or the TIFF tags), so a copy cut short is found before training rather than
+    when the loader first decodes the file.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        fh.seek(max(size - 1024, 0))
+        tail = fh.read()
+    if suffix == ".png":
+        return tail[-12:-4].endswith(b"IEND")
+    if suffix in (".jpg", ".jpeg"):
+        return b"\xff\xd9" in tail[-16:]
+    if suffix in (".tif", ".tiff"):
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(path) as tif:
+                for page in tif.pages:
+                    ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts)]
+                    if ends and max(ends) > size:
+                        return False
+        except Exception:  # unreadable tags: the loader reports it with its own message
+            return False
+    return True
+
+
+class _Scan(Dataset):
+    """Per item: the image header and completeness, and the mask's value set and size; errors as text."""
+
+    def __init__(self, dataset: SegDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> str | None:
+        from seglstm.data.io import image_size, read_mask
+
+        img_path, ann_path = self.dataset.files[index]
+        try:
+            height, width = image_size(img_path, self.dataset.max_pixels)
+            if not file_complete(img_path):
+                return f"{img_path}: truncated image (the file ends before its data does)"
+            if ann_path is None:
+                return None
+            if not file_complete(ann_path):
+                return f"{ann_path}: truncated label map (the file ends before its data does)"
+            raw = read_mask(ann_path, max_pixels=self.dataset.max_pixels)
+            if raw.shape != (height, width):
+                return (
+                    f"{ann_path}: mask is {raw.shape[1]}x{raw.shape[0]} but its image {img_path.name} is "
+                    f"{width}x{height}"
+                )
+            self.dataset.map_labels(np.unique(raw), ann_path)  # the value set is enough to check the range
+        except (DataError, OSError) as err:
+            return str(err)
+        return None
+
+
+def scan_dataset(dataset: SegDataset, num_workers: int = 0, progress: bool = True) -> list[str]:
+    """The problems of ``dataset`` found cheaply, without decoding images: headers, truncation (file ends),
+    mask sizes and label values (masks are decoded: their value set is needed). Run before training so a bad
+    val file fails in seconds, not at the first validation hours later; :func:`check_dataset` reads
+    everything."""
+    from tqdm.auto import tqdm
+
+    loader = DataLoader(_Scan(dataset), batch_size=None, num_workers=num_workers, collate_fn=_unbatched)
+    found = tqdm(loader, total=len(dataset), desc=f"scan {dataset.split}", disable=not progress, leave=False)
+    return [problem for problem in found if problem is not None]

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import re
 import shutil
+import tempfile
 import warnings
 import zipfile
 from collections.abc import Callable, Sequence
@@ -268,27 +270,38 @@ def convert_isprs(
         warnings.warn(
             f"{dataset}: {len(missing)} of mmseg's tiles are missing: {', '.join(missing)}", stacklevel=2
         )
-    if overwrite:
-        for d in existing:
-            shutil.rmtree(d)
-    for tile in tqdm(sorted(tiles), desc=f"convert {dataset}", unit="tile", disable=not progress):
-        split = known[tile]
-        image = _read_tiff(tiles[tile]["image"])
-        label, unknown = colour_to_label(_read_tiff(tiles[tile]["label"]))
-        if image.shape[:2] != label.shape:
-            raise DataError(
-                f"{tiles[tile]['label'].where}: label is {label.shape[1]}x{label.shape[0]} but the tile "
-                f"{tiles[tile]['image'].where} is {image.shape[1]}x{image.shape[0]}"
-            )
-        if unknown:
-            report.unknown_colour_pixels[tile] = unknown
-        h, w = label.shape
-        for y0 in window_starts(h, clip_size, stride, true_stride):
-            for x0 in window_starts(w, clip_size, stride, true_stride):
-                name = f"{tile}_{x0}_{y0}_{x0 + clip_size}_{y0 + clip_size}.png"
-                window = (slice(y0, y0 + clip_size), slice(x0, x0 + clip_size))
-                write_png(out / "img_dir" / split / name, np.ascontiguousarray(image[window]))
-                write_png(out / "ann_dir" / split / name, np.ascontiguousarray(label[window]))
-                report.patches[split] += 1
-        report.tiles[split].append(tile)
+    # Patches go to a staging folder beside the output, moved into place only when every tile converted:
+    # a bad tile later in the list leaves the previous dataset (or nothing), never a partial one.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.convert-", dir=out.parent))
+    try:
+        for tile in tqdm(sorted(tiles), desc=f"convert {dataset}", unit="tile", disable=not progress):
+            split = known[tile]
+            image = _read_tiff(tiles[tile]["image"])
+            label, unknown = colour_to_label(_read_tiff(tiles[tile]["label"]))
+            if image.shape[:2] != label.shape:
+                raise DataError(
+                    f"{tiles[tile]['label'].where}: label is {label.shape[1]}x{label.shape[0]} but the tile "
+                    f"{tiles[tile]['image'].where} is {image.shape[1]}x{image.shape[0]}"
+                )
+            if unknown:
+                report.unknown_colour_pixels[tile] = unknown
+            h, w = label.shape
+            for y0 in window_starts(h, clip_size, stride, true_stride):
+                for x0 in window_starts(w, clip_size, stride, true_stride):
+                    name = f"{tile}_{x0}_{y0}_{x0 + clip_size}_{y0 + clip_size}.png"
+                    window = (slice(y0, y0 + clip_size), slice(x0, x0 + clip_size))
+                    write_png(staging / "img_dir" / split / name, np.ascontiguousarray(image[window]))
+                    write_png(staging / "ann_dir" / split / name, np.ascontiguousarray(label[window]))
+                    report.patches[split] += 1
+            report.tiles[split].append(tile)
+        out.mkdir(exist_ok=True)
+        for name in ("img_dir", "ann_dir"):
+            if not (staging / name).exists():
+                continue
+            if (out / name).exists():
+                shutil.rmtree(out / name)
+            os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return report

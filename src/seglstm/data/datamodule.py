@@ -223,6 +223,21 @@ class SegDataModule(L.LightningDataModule):
                 max_pixels=self.kwargs["max_pixels"],
             )
 
+    def scan(self, split: str = "val", progress: bool = True) -> None:
+        """Check ``split`` cheaply before any work (:func:`seglstm.data.check.scan_dataset`: headers, truncated
+        files, mask sizes and label values), so a bad val file fails now rather than at the first validation.
+
+        Raises:
+            DataError listing the first problems (``seglstm check-data`` lists all of them).
+        """
+        from seglstm.data.check import scan_dataset
+        from seglstm.data.io import DataError
+
+        problems = scan_dataset(self.build_split(split), num_workers=self.num_workers, progress=progress)
+        if problems:
+            shown = "; ".join(problems[:3]) + (f"; ... ({len(problems) - 3} more)" if len(problems) > 3 else "")
+            raise DataError(f"the {split} split has {len(problems)} bad file(s): {shown}")
+
     def _get(self, name: str) -> Dataset:
         if name not in self.datasets:
             self.setup({"train": "fit", "val": "validate", "test": "test", "predict": "predict"}[name])

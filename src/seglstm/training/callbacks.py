@@ -1,10 +1,13 @@
 """Callbacks and plugins that give Lightning the seed's run shape.
 
 - :class:`AtomicCheckpointIO`: every checkpoint is written to a temporary file and renamed, so a kill never
-  leaves a truncated ``last.ckpt``.
+  leaves a truncated ``last.ckpt``; each save and removal is recorded in the folder's ``index.json``
+  (global step per file, best score per monitored metric), which ``--auto-resume`` and ``--ckpt_path best``
+  read.
 - :class:`RunCheckpoint`: ``ModelCheckpoint`` whose files live in ``<default_root_dir>/checkpoints`` (one
   folder per run, like mmseg's ``work_dir``, so ``--ckpt_path last`` finds the previous run's file), named
-  ``iter_{step}`` / ``best_mIoU_iter_{step}`` as mmseg names them, optionally saving once more at the end.
+  ``iter_{step}`` / ``best_mIoU_iter_{step}`` as mmseg names them, optionally saving once more at the end;
+  with ``save_last`` it also refreshes ``last.ckpt`` every ``last_every_minutes`` and on SIGINT/SIGTERM.
 - :class:`StepProgressBar`: one bar over all iterations with an ETA (iteration-based training has no
   meaningful epochs).
 - :class:`TestReportWriter` / :class:`SegPredictionWriter`: the files ``seglstm test`` and
@@ -13,7 +16,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +34,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelChe
 from lightning.pytorch.utilities import rank_zero_info
 
 from seglstm.data.folder import default_palette
+from seglstm.training._lightning_compat import last_saved_step, save_topk_and_last
 from seglstm.training.reports import (
     colorize,
     overlay,
@@ -34,7 +44,44 @@ from seglstm.training.reports import (
     write_metrics_report,
 )
 from seglstm.training.task import item_shapes
-from seglstm.utils.io import atomic_path, torch_load
+from seglstm.utils.io import atomic_path, atomic_write_text, torch_load
+
+INDEX_NAME = "index.json"
+LAST_NAME = "last.ckpt"
+
+
+def read_index(folder: str | os.PathLike) -> dict[str, Any]:
+    """The ``index.json`` of a checkpoint folder, or an empty index when there is none (or it is unreadable:
+    the index is a convenience, the checkpoints themselves stay the truth)."""
+    path = Path(folder) / INDEX_NAME
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {"checkpoints": {}, "best": {}}
+    if not isinstance(data, dict):
+        return {"checkpoints": {}, "best": {}}
+    data.setdefault("checkpoints", {})
+    data.setdefault("best", {})
+    return data
+
+
+def _update_index(path: Path, checkpoint: dict[str, Any] | None) -> None:
+    """Record (or, with ``checkpoint=None``, forget) ``path`` in its folder's index, atomically."""
+    index = read_index(path.parent)
+    if checkpoint is None:
+        index["checkpoints"].pop(path.name, None)
+    else:
+        index["checkpoints"][path.name] = {
+            "global_step": int(checkpoint.get("global_step", 0)),
+            "epoch": int(checkpoint.get("epoch", 0)),
+            "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        for state in (checkpoint.get("callbacks") or {}).values():
+            monitor = state.get("monitor") if isinstance(state, dict) else None
+            best_path, score = state.get("best_model_path") if monitor else None, state.get("best_model_score")
+            if best_path and score is not None:
+                index["best"][monitor] = {"file": Path(best_path).name, "score": float(score)}
+    atomic_write_text(path.parent / INDEX_NAME, json.dumps(index, indent=1, sort_keys=True) + "\n")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -62,8 +109,31 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError(
                 f"{type(self).__name__} does not support storage_options, got {storage_options!r}"
             )
-        with atomic_path(path) as tmp:
-            torch.save(checkpoint, tmp)
+        # Saved through a file object, so the archive's root folder is torch's fixed "archive" rather than
+        # the random temporary name (the same state gives the same bytes).
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            torch.save(checkpoint, fh)
+        _update_index(Path(path), checkpoint)
+
+    def remove_checkpoint(self, path: str | os.PathLike) -> None:
+        super().remove_checkpoint(path)
+        _update_index(Path(path), None)
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on SIGINT/SIGTERM after writing ``last.ckpt`` (the CLI exits 128 + signal number)."""
+
+    def __init__(self, signal_name: str, step: int, path: str) -> None:
+        super().__init__(
+            f"interrupted by {signal_name} at iteration {step}: wrote {path}; continue with the same command "
+            "and --auto-resume"
+        )
+        self.signal_name, self.step, self.path = signal_name, step, path
+
+    @property
+    def exit_code(self) -> int:
+        number = {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM}.get(self.signal_name, signal.SIGTERM)
+        return 128 + int(number)
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -76,13 +146,38 @@ class RunCheckpoint(ModelCheckpoint):
         save_on_train_end: also save when training stops at a step that was not yet saved (the seed saves
             at iteration 15000 whatever the interval).
         auto_insert_metric_name: Lightning's option, off by default so ``iter_{step}`` gives ``iter_1000``.
+        last_every_minutes: with ``save_last``, refresh ``last.ckpt`` at the end of the first step after this
+            many minutes without a checkpoint (``None`` or 0: only at checkpoint events), so a crash or a
+            kill loses at most that much work whatever ``every_n_train_steps`` is.
+        clock: seconds, monotonic (tests pass a fake one); default ``time.monotonic``.
+
+    With ``save_last``, SIGINT (Ctrl-C) or SIGTERM during training also writes ``last.ckpt`` at the end of
+    the running step and then stops with :class:`TrainingInterrupted`; a second Ctrl-C stops at once.
     """
 
     def __init__(
-        self, *args: Any, save_on_train_end: bool = False, auto_insert_metric_name: bool = False, **kwargs: Any
+        self,
+        *args: Any,
+        save_on_train_end: bool = False,
+        auto_insert_metric_name: bool = False,
+        last_every_minutes: float | None = 10.0,
+        clock: Callable[[], float] | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, auto_insert_metric_name=auto_insert_metric_name, **kwargs)
+        if last_every_minutes is not None and last_every_minutes < 0:
+            raise ValueError(f"last_every_minutes must be >= 0 or None, got {last_every_minutes}")
         self.save_on_train_end = save_on_train_end
+        self.last_every_minutes = last_every_minutes
+        self.clock = clock or time.monotonic
+        self._last_saved_at = self.clock()
+        self._signal: str | None = None
+        self._previous_sigint: Any = None
+
+    @property
+    def guards_last(self) -> bool:
+        """Whether this callback writes ``last.ckpt`` on a timer and on signals (it has ``save_last``)."""
+        return bool(self.save_last)
 
     def _root_dirpath(self, trainer: pl.Trainer) -> None:
         if self.dirpath is None:
@@ -96,31 +191,94 @@ class RunCheckpoint(ModelCheckpoint):
         self._root_dirpath(trainer)
         return super()._find_last_checkpoints(trainer)
 
-    def _save_now(self, trainer: pl.Trainer) -> None:
-        candidates = self._monitor_candidates(trainer)
-        self._save_topk_checkpoint(trainer, candidates)
-        self._save_last_checkpoint(trainer, candidates)
+    # -- last.ckpt on a timer and on SIGINT / SIGTERM ------------------------------------------------------
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        self._signal = "SIGINT"
+        print(
+            "\nSIGINT: stopping after this step and writing last.ckpt (Ctrl-C again stops at once, without it)",
+            file=sys.stderr,
+        )
+        # A second Ctrl-C interrupts at once (Python's default handler raises KeyboardInterrupt).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._last_saved_at = self.clock()
+        self._signal = None
+        if self.guards_last and threading.current_thread() is threading.main_thread():
+            self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _restore_sigint(self) -> None:
+        if self._previous_sigint is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._previous_sigint)
+        self._previous_sigint = None
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._last_saved_at = self.clock()
+
+    def _guard_last(self, trainer: pl.Trainer) -> None:
+        """Write ``last.ckpt`` when the timer is due or a signal came; stop after a signal. Every rank takes
+        the same decision, since saving is collective under DDP."""
+        if not self.guards_last or self.dirpath is None:
+            return
+        caught = self._signal or ("SIGTERM" if trainer.received_sigterm else None)
+        stop = bool(trainer.strategy.reduce_boolean_decision(caught is not None, all=False))
+        minutes = self.last_every_minutes
+        due = bool(minutes) and self.clock() - self._last_saved_at >= 60.0 * float(minutes)
+        if stop or trainer.strategy.reduce_boolean_decision(due, all=False):
+            path = os.path.join(self.dirpath, LAST_NAME)
+            # Set first so the saved state names it too: Lightning's next save_last (in this run or a resumed
+            # one) then rewrites this file instead of versioning a new last-v1.ckpt beside it.
+            self.last_model_path = path
+            trainer.save_checkpoint(path)
+            self._last_saved_at = self.clock()
+        if stop:
+            self._restore_sigint()
+            raise TrainingInterrupted(caught or "a signal on another rank", trainer.global_step, path)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._final_step_save(trainer)
+        self._guard_last(trainer)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore_sigint()
+        super().on_exception(trainer, pl_module, exception)
+
+    def _final_step_save(self, trainer: pl.Trainer) -> None:
         # The final step is saved here, with the loop state of any periodic save, rather than in
         # on_train_end, where Lightning already counts a part-done epoch as finished (a resume from there
         # would start the next epoch's data order).
         last_step = trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step
-        if self.save_on_train_end and last_step and self._last_global_step_saved != trainer.global_step:
-            self._save_now(trainer)
+        if self.save_on_train_end and last_step and last_saved_step(self) != trainer.global_step:
+            save_topk_and_last(self, trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore_sigint()
         # Training stopped for another reason (max_epochs, max_time, early stopping): save what there is.
-        if self.save_on_train_end and self._last_global_step_saved != trainer.global_step:
-            self._save_now(trainer)
+        if self.save_on_train_end and last_saved_step(self) != trainer.global_step:
+            save_topk_and_last(self, trainer)
         super().on_train_end(trainer, pl_module)
 
 
 class StepProgressBar(TQDMProgressBar):
-    """A single training bar over ``trainer.max_steps`` iterations: position, rate and ETA to the end."""
+    """A single training bar over ``trainer.max_steps`` iterations: position, rate and ETA to the end.
+
+    mIoU is shown as a percentage with 2 decimals (``val/mIoU%=68.30``), as mmseg and the metric tables
+    print it; the logged metric ``val/mIoU`` (CSV, TensorBoard, checkpoint monitor) stays a fraction.
+    """
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        shown: dict[str, Any] = {}
+        for key, value in super().get_metrics(trainer, pl_module).items():
+            if key.endswith("/mIoU") and isinstance(value, (int, float)):
+                shown[f"{key}%"] = f"{100.0 * float(value):.2f}"
+            else:
+                shown[key] = value
+        return shown
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         bar = self.init_train_tqdm()

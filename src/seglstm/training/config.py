@@ -1,11 +1,13 @@
 """mmseg-style ``_base_`` composition for our LightningCLI YAML configs.
 
 A config may start with ``_base_: [file, ...]`` (paths relative to the config's own folder). The bases are
-composed in order, then the file's own keys on top. Merging follows what jsonargparse does when several
-``--config`` files are given: inside the top-level groups (``model``, ``data``, ``trainer``) each argument is
-replaced as a whole, so a ``model_kwargs`` dict or a ``trainer.callbacks`` list in a later file replaces the
-earlier one rather than being merged into it. The CLI hands the composed mapping to jsonargparse, which
-validates it as usual; :func:`seglstm.inference.loading.load_segmentor` reads the same composition.
+composed in order, then the file's own keys on top, merged as mmengine merges its configs: mappings merge
+key by key at every depth, so a file that sets only ``model.model_kwargs.img_size`` keeps the rest of its
+base's ``model_kwargs``; lists and scalars are replaced whole. ``_delete_: true`` inside a mapping replaces
+the base's mapping instead of merging into it (mmengine's ``_delete_=True``). A mapping naming another
+``class_path`` than the base's is a different object and replaces it too (its ``init_args`` would not fit).
+The CLI hands the composed mapping to jsonargparse, which validates it as usual (``--print_config`` shows
+it); :func:`seglstm.inference.loading.load_segmentor` reads the same composition.
 """
 
 from __future__ import annotations
@@ -39,14 +41,36 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+DELETE_KEY = "_delete_"
+
+
+def _strip_delete(value: Any) -> Any:
+    """``value`` without ``_delete_`` keys at any depth (a mapping that replaced its base keeps none)."""
+    if isinstance(value, dict):
+        return {k: _strip_delete(v) for k, v in value.items() if k != DELETE_KEY}
+    if isinstance(value, list):
+        return [_strip_delete(v) for v in value]
+    return value
+
+
 def merge_config(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """``update`` over ``base``: top-level mappings merge key by key, everything below is replaced."""
+    """``update`` over ``base``, recursively for mappings (module docstring); neither input is modified."""
     out = dict(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = {**out[key], **value}
+        if key == DELETE_KEY:
+            continue
+        if isinstance(value, dict) and not isinstance(value.get(DELETE_KEY, False), bool):
+            raise ConfigError(f"{key}.{DELETE_KEY} must be true or false, got {value[DELETE_KEY]!r}")
+        old = out.get(key)
+        if (
+            isinstance(value, dict)
+            and isinstance(old, dict)
+            and value.get(DELETE_KEY) is not True
+            and value.get("class_path", old.get("class_path")) == old.get("class_path")
+        ):
+            out[key] = merge_config(old, value)
         else:
-            out[key] = value
+            out[key] = _strip_delete(value)
     return out
 
 

@@ -21,6 +21,7 @@ from typing import Any
 from torch.utils.data import DataLoader
 
 from seglstm.data.datamodule import SegDataModule
+from seglstm.training._lightning_compat import IndexSamplerHookLoader
 
 
 class _SkipFirst:
@@ -70,7 +71,7 @@ class _LazyPass:
         return len(self.loader)
 
 
-class ResumableDataLoader(DataLoader):
+class ResumableDataLoader(IndexSamplerHookLoader):
     """A ``DataLoader`` whose position inside an epoch survives a checkpoint round trip (module docstring)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -104,10 +105,8 @@ class ResumableDataLoader(DataLoader):
             kwargs["batch_sampler"] = loader.batch_sampler
         return cls(loader.dataset, **kwargs)
 
-    @property
-    def _index_sampler(self) -> Any:
-        base = super()._index_sampler
-        return _SkipFirst(base, self) if self._skip_now else base
+    def wrap_index_sampler(self, sampler: Any) -> Any:
+        return _SkipFirst(sampler, self) if self._skip_now else sampler
 
     def __iter__(self) -> _LazyPass:  # type: ignore[override]
         return _LazyPass(self)

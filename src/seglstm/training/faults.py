@@ -21,12 +21,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.distributed import _init_dist_connection
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
+from seglstm.training._lightning_compat import init_process_group, process_group_timeout
 from seglstm.utils.io import atomic_path
 
 DDP_STRATEGIES = ("ddp", "ddp_spawn", "ddp_fork", "ddp_find_unused_parameters_true")
@@ -193,16 +193,11 @@ class ElasticDDPStrategy(DDPStrategy):
     def setup_distributed(self) -> None:
         reset_seed()
         self.set_world_ranks()
-        self._process_group_backend = self._get_process_group_backend()
-        assert self.cluster_environment is not None
-        kwargs: dict[str, Any] = {
-            "timeout": self._timeout,
-            "device_id": self.root_device if self.root_device.type != "cpu" else None,
-        }
-        store = restart_scoped_store(self._timeout)
+        kwargs: dict[str, Any] = {"device_id": self.root_device if self.root_device.type != "cpu" else None}
+        store = restart_scoped_store(process_group_timeout(self))
         if store is not None:
             kwargs["store"] = store
-        _init_dist_connection(self.cluster_environment, self._process_group_backend, **kwargs)
+        init_process_group(self, **kwargs)
 
 
 def ddp_strategy(strategy: Any, timeout_s: float, multi_device: bool) -> Any:

@@ -71,8 +71,30 @@ def _metric_name(name: str) -> str:
     return name.strip().replace(" ", "_")
 
 
+def _check_optimizer_values(
+    lr: float, betas: tuple[float, float], weight_decay: float, warmup_ratio: float, power: float
+) -> None:
+    """AdamW and the schedule would refuse these only at the first step, with a traceback; name the key here."""
+    if not lr > 0:
+        raise ValueError(f"model.lr must be > 0, got {lr}")
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"model.betas must be two numbers in [0, 1), got {list(betas)}")
+    if not weight_decay >= 0:
+        raise ValueError(f"model.weight_decay must be >= 0, got {weight_decay}")
+    if not 0 < warmup_ratio <= 1:
+        raise ValueError(f"model.warmup_ratio must be in (0, 1], got {warmup_ratio}")
+    if not power > 0:
+        raise ValueError(f"model.power must be > 0, got {power}")
+
+
 class SegmentationTask(LightningModule):
     """Train, validate, test and predict with a registered segmentor and the seed's recipe.
+
+    Logged metrics (CSV, TensorBoard, ``ModelCheckpoint(monitor=...)``, ``trainer.callback_metrics``) are
+    fractions in [0, 1]: ``val/mIoU``, ``val/mAcc``, ``val/aAcc``, ``val/mFscore``, ``val/mDice``,
+    ``val/IoU.<class>`` and the same under ``test/``; ``train/loss``, ``train/loss_*``, ``train/lr``,
+    ``train/nonfinite_steps``. What is shown to people (the metric tables, the progress bar) is in percent
+    with 2 decimals, as mmseg prints it.
 
     Args:
         model: registry preset name (``seglstm.list_models()``), e.g. ``seglstm_upernet_s``.
@@ -114,6 +136,7 @@ class SegmentationTask(LightningModule):
             raise ValueError(
                 "model.num_classes is not set: give it, or run through the CLI, which takes it from data"
             )
+        _check_optimizer_values(lr, betas, weight_decay, warmup_ratio, power)
         try:
             self.model = create_model(model, num_classes=num_classes, **(model_kwargs or {}))
         except (TypeError, ValueError) as err:

@@ -8,6 +8,7 @@ import pickle
 import re
 import tempfile
 import warnings
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,34 @@ def checkpoint_safe_globals() -> list[Any]:
     ]
 
 
+def verify_checkpoint_crcs(path: str | os.PathLike) -> None:
+    """Check the CRC-32 of every member of a zip-format torch checkpoint (what ``torch.save`` writes since
+    torch 1.6, ours and most foreign files alike).
+
+    ``torch.load`` does not check them, so bytes damaged on disk or in a copy load silently as wrong weights.
+    Reading the file once more costs about what loading it does. Files in torch's legacy (non-zip) format
+    carry no checksum and pass unchecked.
+
+    Raises:
+        CorruptCheckpointError naming the file and the first damaged member.
+    """
+    path = Path(path)
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        raise CorruptCheckpointError(
+            f"checkpoint {path} is damaged: its zip structure cannot be read ({err}); copy or download it again"
+        ) from err
+    if bad is not None:
+        raise CorruptCheckpointError(
+            f"checkpoint {path} is damaged: member {bad!r} fails its CRC-32 check (the file changed after it "
+            "was written); copy or download it again"
+        )
+
+
 def torch_load(path: str | os.PathLike, unsafe: bool = False, map_location: Any = "cpu") -> Any:
     """Load a checkpoint with ``weights_only=True``; arbitrary pickles need ``unsafe=True`` and warn.
 
@@ -115,12 +144,14 @@ def torch_load(path: str | os.PathLike, unsafe: bool = False, map_location: Any 
 
     Raises:
         FileNotFoundError: ``path`` is not a file.
-        CorruptCheckpointError: the file is truncated or not a torch checkpoint.
+        CorruptCheckpointError: the file is truncated, damaged (:func:`verify_checkpoint_crcs`) or not a
+            torch checkpoint.
         UnsafeCheckpointError: the file names a global outside the allow-list; the message names it.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist or is not a file")
+    verify_checkpoint_crcs(path)
     if unsafe:
         warnings.warn(
             f"loading {path} with full unpickling (--unsafe-load): it can run arbitrary code", stacklevel=2

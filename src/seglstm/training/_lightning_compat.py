@@ -1,0 +1,144 @@
+"""Every private Lightning / torch name seglstm relies on, in one module, each with the reason no public API
+does the job.
+
+A renamed private method would otherwise break silently on an upgrade (an override that is never called
+again, a hook that quietly stops firing). :func:`compat_problems` lists what no longer matches and
+``tests/test_lightning_compat.py`` fails loudly on it, naming the Lightning and torch versions. The rest of
+the code reaches these names only through the classes and functions below (one exception, listed:
+``RunCheckpoint`` overrides ``ModelCheckpoint._find_last_checkpoints``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import lightning
+import torch
+from lightning.fabric.utilities import distributed as fabric_distributed
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.strategies import DDPStrategy
+from torch.utils.data import DataLoader
+
+# (owner, name, parameter names after self (None: an attribute or property), why we need it)
+PRIVATE_USES: list[tuple[Any, str, tuple[str, ...] | None, str]] = [
+    (LightningCLI, "_prepare_subcommand_parser", ("klass", "subcommand"),
+     "arguments of one sub-command only (test/predict --out): add_arguments_to_parser is not told which"),
+    (LightningCLI, "_parse_ckpt_path", (),
+     "Lightning lets a checkpoint's hyper-parameters override the config and fails on weights-only files; "
+     "seglstm applies the reverse rule and resolves last/best/--auto-resume itself"),
+    (LightningCLI, "_subcommand_parsers", None, "the defaults of one sub-command's parser"),
+    (ModelCheckpoint, "_monitor_candidates", ("trainer",), "the metrics a save at the last step formats into its name"),
+    (ModelCheckpoint, "_save_topk_checkpoint", ("trainer", "monitor_candidates"),
+     "a save at the last step that keeps top-k bookkeeping (the seed saves at 15000 whatever the interval)"),
+    (ModelCheckpoint, "_save_last_checkpoint", ("trainer", "monitor_candidates"), "the same for last.ckpt"),
+    (ModelCheckpoint, "_last_global_step_saved", None, "whether this step was saved already"),
+    (DataLoader, "_index_sampler", None,
+     "skip the batches a resumed epoch already used at the index level, without loading them"),
+    (fabric_distributed, "_init_dist_connection", ("cluster_environment", "torch_distributed_backend"),
+     "build the DDP process group on a store scoped to a torchrun restart"),
+    (DDPStrategy, "_get_process_group_backend", (), "the backend Lightning would choose"),
+    (DDPStrategy, "_timeout", None, "the process-group timeout the strategy was given"),
+    (DDPStrategy, "_process_group_backend", None, "where Lightning keeps the chosen backend"),
+    (ModelCheckpoint, "_find_last_checkpoints", ("trainer",),
+     "RunCheckpoint roots its folder there before setup, so trainer.fit(ckpt_path='last') finds last.ckpt"),
+]  # fmt: skip
+
+
+def _has(owner: Any, name: str) -> bool:
+    if hasattr(owner, name):
+        return True
+    # Instance attributes set in __init__ (or, for LightningCLI, while building the parsers).
+    if inspect.isclass(owner):
+        try:
+            source = inspect.getsource(owner)
+        except (OSError, TypeError):
+            return False
+        return f"self.{name} =" in source or f"self.{name}:" in source
+    return False
+
+
+def compat_problems() -> list[str]:
+    """What of :data:`PRIVATE_USES` the installed Lightning / torch no longer provide as expected."""
+    problems = []
+    for owner, name, params, why in PRIVATE_USES:
+        where = f"{getattr(owner, '__module__', '')}.{getattr(owner, '__qualname__', getattr(owner, '__name__', owner))}"
+        if not _has(owner, name):
+            problems.append(f"{where}.{name} is gone (needed to {why})")
+            continue
+        if params is None:
+            continue
+        found = tuple(inspect.signature(getattr(owner, name)).parameters)
+        found = found[1:] if found[:1] == ("self",) else found
+        if found[: len(params)] != params:
+            problems.append(f"{where}.{name} now takes {found}, expected {params} first (needed to {why})")
+    return problems
+
+
+def versions() -> str:
+    return f"lightning {lightning.__version__}, torch {torch.__version__}"
+
+
+class SubcommandHooksCLI(LightningCLI):
+    """LightningCLI with two public-named hooks in place of its private ones:
+
+    - :meth:`add_subcommand_arguments` ``(parser, subcommand)`` after each sub-command parser is built;
+    - :meth:`resolve_checkpoint` instead of Lightning's ``_parse_ckpt_path`` (see :data:`PRIVATE_USES`).
+    """
+
+    def add_subcommand_arguments(self, parser: LightningArgumentParser, subcommand: str) -> None:
+        """Add arguments to one sub-command's parser (default: none)."""
+
+    def resolve_checkpoint(self) -> None:
+        """Resolve ``ckpt_path`` before the classes are instantiated (default: nothing)."""
+
+    def subcommand_defaults(self, subcommand: str) -> Any:
+        """The defaults of ``subcommand``'s parser (a jsonargparse Namespace)."""
+        return self._subcommand_parsers[subcommand].get_defaults()
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        self.add_subcommand_arguments(parser, subcommand)
+        return parser
+
+    def _parse_ckpt_path(self) -> None:
+        self.resolve_checkpoint()
+
+
+def save_topk_and_last(callback: ModelCheckpoint, trainer: Any) -> None:
+    """Save now as ``callback`` would at a checkpoint event: its top-k file and ``last.ckpt``."""
+    candidates = callback._monitor_candidates(trainer)
+    callback._save_topk_checkpoint(trainer, candidates)
+    callback._save_last_checkpoint(trainer, candidates)
+
+
+def last_saved_step(callback: ModelCheckpoint) -> int:
+    """The global step ``callback`` saved last (Lightning's own skip-if-saved bookkeeping)."""
+    return int(callback._last_global_step_saved)
+
+
+class IndexSamplerHookLoader(DataLoader):
+    """DataLoader whose index sampler passes through :meth:`wrap_index_sampler` each time torch asks for it."""
+
+    def wrap_index_sampler(self, sampler: Any) -> Any:
+        return sampler
+
+    @property
+    def _index_sampler(self) -> Any:
+        return self.wrap_index_sampler(super()._index_sampler)
+
+
+def process_group_timeout(strategy: DDPStrategy) -> Any:
+    """The process-group timeout ``strategy`` was built with (a ``timedelta``)."""
+    return strategy._timeout
+
+
+def init_process_group(strategy: DDPStrategy, **kwargs: Any) -> None:
+    """Lightning's process-group set-up for ``strategy`` (its cluster environment, backend and timeout), with
+    extra ``init_process_group`` keyword arguments (a ``store``)."""
+    assert strategy.cluster_environment is not None
+    strategy._process_group_backend = strategy._get_process_group_backend()
+    fabric_distributed._init_dist_connection(
+        strategy.cluster_environment, strategy._process_group_backend, timeout=strategy._timeout, **kwargs
+    )

@@ -1,0 +1,51 @@
+"""The private Lightning/torch names seglstm relies on still exist with the expected signatures; an upgrade
+that renames one fails here, by name, instead of silently disabling a hook."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+from torch.utils.data import DataLoader
+
+from seglstm.training import _lightning_compat as compat
+
+
+def test_installed_lightning_and_torch_provide_every_private_name() -> None:
+    problems = compat.compat_problems()
+    assert not problems, f"incompatible {compat.versions()}:\n" + "\n".join(problems)
+
+
+def test_the_check_fails_loudly_on_a_missing_or_changed_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Old:
+        def _monitor_candidates(self, pl_trainer):  # renamed parameter
+            return {}
+
+    monkeypatch.setattr(compat, "PRIVATE_USES", [
+        (Old, "_monitor_candidates", ("trainer",), "x"), (Old, "_gone", None, "y"), (Old, "_gone_method", (), "z"),
+    ])  # fmt: skip
+    problems = compat.compat_problems()
+    assert len(problems) == 3
+    assert "now takes ('pl_trainer',), expected ('trainer',)" in problems[0]
+    assert "_gone is gone" in problems[1] and "_gone_method is gone" in problems[2]
+
+
+def test_every_override_in_the_adapter_overrides_a_listed_name() -> None:
+    listed = {(owner, name) for owner, name, _, _ in compat.PRIVATE_USES}
+    for cls in (compat.SubcommandHooksCLI, compat.IndexSamplerHookLoader):
+        base = cls.__mro__[1]
+        for name, _ in inspect.getmembers(cls):
+            if name.startswith("_") and not name.startswith("__") and name in vars(cls):
+                assert (base, name) in listed, f"{cls.__name__}.{name} overrides an unlisted private name"
+
+
+def test_index_sampler_hook_is_what_torch_iterates() -> None:
+    seen = []
+
+    class Loader(compat.IndexSamplerHookLoader):
+        def wrap_index_sampler(self, sampler):
+            seen.append(sampler)
+            return [[2, 0]]
+
+    assert [b.tolist() for b in Loader(list(range(10, 15)), batch_size=2)] == [[12, 10]]
+    assert seen and isinstance(seen[0], type(DataLoader(range(3), batch_size=2).batch_sampler))
