@@ -5,8 +5,8 @@ chunked, with and without recomputing each chunk in the backward pass, alone and
         [--chunks 64 128 256 512 1024] [--max-mem-gib 8]
 
 ``sweep``: the scan alone at the shape of VMamba-T's first stage for a ``--size`` input (4 directions x 192
-channels = D 768, N 16, L = (size/4)^2, batch ``--batch``), forward + backward, for each ``--chunks`` size
-and the whole sequence. ``train``: one seed-recipe training step of ``mamba_upernet`` (forward, decode +
+channels = D 768, N 16, L = (size/4)^2, batch ``--batch``), forward + backward, for the whole sequence, the
+automatic chunk size and each ``--chunks`` size. ``train``: one seed-recipe training step of ``mamba_upernet`` (forward, decode +
 auxiliary loss, backward, AdamW) at ``--size``, batch ``--batch``. ``infer``: one forward of the segmentor at
 ``--infer-size``, batch 1, no gradients. Every configuration runs in its own child process, capped at
 ``--max-mem-gib`` of address space above its start (a configuration over the cap becomes an error row);
@@ -33,8 +33,8 @@ from training_throughput import capped_training_speed
 NUM_CLASSES = 7
 VARIANTS = {  # name -> (scan_chunk_size, recompute chunks in the backward)
     "whole sequence": (None, True),
-    "chunked": ("default", True),
-    "chunked, no recompute": ("default", False),
+    "chunked (auto)": ("auto", True),
+    "chunked (auto), no recompute": ("auto", False),
 }
 
 
@@ -46,7 +46,7 @@ def _configure_scan(recompute: bool) -> None:
         mamba.checkpoint = lambda fn, *args, **kwargs: fn(*args)
 
 
-def scan_job(batch: int, length: int, chunk: int | None, max_mem_gib: float | None) -> dict[str, Any]:
+def scan_job(batch: int, length: int, chunk: int | str | None, max_mem_gib: float | None) -> dict[str, Any]:
     from seglstm.models.mamba import selective_scan
 
     dev = torch.device("cpu")
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if "sweep" in parts:
         length = (args.size // 4) ** 2
-        for chunk in [None, *args.chunks]:
+        for chunk in [None, "auto", *args.chunks]:
             res = run_isolated(scan_job, timeout=args.timeout, batch=args.batch, length=length, chunk=chunk,
                                max_mem_gib=cap)  # fmt: skip
             record({"part": "scan fwd+bwd", "variant": f"chunk {chunk}" if chunk else "whole sequence",
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         for variant, (chunk, recompute) in VARIANTS.items():
             if part == "infer" and not recompute:
                 continue  # no backward pass: nothing is recomputed
-            overrides = {} if chunk == "default" else {"scan_chunk_size": chunk}
+            overrides = {"scan_chunk_size": chunk}
             if part == "train":
                 res = run_isolated(
                     train_job, timeout=args.timeout, recompute=recompute, max_mem_gib=cap, name="mamba_upernet",

@@ -180,6 +180,14 @@ def test_vmamba_chunked_scan_matches_whole_sequence():
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
+def test_auto_chunk_size_targets_the_state_bytes():
+    u = torch.empty(2, 768, 16384)  # VMamba-T's first stage at 512 x 512, batch 2: 96 KiB of states per step
+    t = mamba.auto_chunk_size(u, 16)
+    assert t == 512 and mamba.AUTO_CHUNK_BYTES // 2 <= t * 2 * 768 * 16 * 4 <= mamba.AUTO_CHUNK_BYTES
+    assert mamba.auto_chunk_size(torch.empty(64, 4096, 8), 64) == 16  # never below 16 steps
+    assert mamba.auto_chunk_size(u.double(), 16) == 256
+
+
 def test_scan_logs_its_choice_once(caplog):
     gen = torch.Generator().manual_seed(8)
     kw = _inputs(gen, b=1, d=4, n=2, length=6, layout="shared")

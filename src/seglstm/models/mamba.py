@@ -48,7 +48,13 @@ __all__ = [
 
 MAMBA_SSM_AVAILABLE = _mamba_ssm_scan_fn is not None
 ScanBackend = Literal["auto", "mamba_ssm", "pscan"]
-DEFAULT_CHUNK_SIZE = 256  # benchmarks/NOTES.md, "Mamba chunked selective scan": speed and memory per chunk size
+ChunkSize = int | Literal["auto"] | None
+# "auto" chunks hold this many bytes of states (B, chunk, D, N): large enough that the allocator returns
+# their memory to the system between chunks (glibc maps blocks over 32 MiB on their own; smaller ones
+# fragment its heap, which then grows with every chunk) and that the Python loop costs little, small
+# enough that a chunk's working set stays a few hundred MiB (benchmarks/NOTES.md, "Mamba chunked selective
+# scan").
+AUTO_CHUNK_BYTES = 64 * 2**20
 
 log = logging.getLogger(__name__)
 _logged_choices: set[str] = set()
@@ -150,6 +156,13 @@ def _scan_chunk(
     return y, h[-1].clone()  # a copy: a view would keep the chunk's (T, b, D, N) states alive
 
 
+def auto_chunk_size(u: torch.Tensor, d_state: int) -> int:
+    """Steps per chunk whose (B, chunk, D, N) states take about ``AUTO_CHUNK_BYTES``: a power of two >= 16."""
+    b, d, _ = u.shape
+    per_step = b * d * d_state * torch.promote_types(u.dtype, torch.float32).itemsize
+    return max(16, 2 ** int(math.log2(max(AUTO_CHUNK_BYTES // per_step, 1))))
+
+
 def _chunked_selective_scan(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -158,7 +171,7 @@ def _chunked_selective_scan(
     C: torch.Tensor,
     D: torch.Tensor | None,
     z: torch.Tensor | None,
-    chunk_size: int | None,
+    chunk_size: ChunkSize,
 ) -> torch.Tensor:
     """Selective scan on already-activated ``delta``, chunk by chunk along L (see the module docstring)."""
     b, d, length = u.shape
@@ -170,7 +183,8 @@ def _chunked_selective_scan(
     g = group_counts.pop() if group_counts else 1
     for name, m in (("B", B), ("C", C)):  # full-length check here, as the chunks only see slices
         _group_view(m, name, b, d, length, g)
-    step = length if chunk_size is None else chunk_size
+    step = length if chunk_size is None else auto_chunk_size(u, A.shape[1]) if chunk_size == "auto" else chunk_size
+    step = min(step, length)
     # Recomputing in the backward pass only saves memory when there is more than one chunk.
     recompute = step < length and torch.is_grad_enabled() and any(
         t.requires_grad for t in (u, delta, A, B, C)
@@ -209,7 +223,7 @@ def selective_scan(
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = True,
     backend: ScanBackend = "auto",
-    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    chunk_size: ChunkSize = "auto",
 ) -> torch.Tensor:
     """Mamba's selective scan, ``mamba_ssm.selective_scan_fn`` semantics.
 
@@ -227,8 +241,9 @@ def selective_scan(
         backend: ``"auto"`` picks ``mamba_ssm`` for CUDA tensors when it imports and the chunked PyTorch scan
             otherwise; ``"mamba_ssm"`` or ``"pscan"`` force one.
             The choice is logged once per process.
-        chunk_size: steps per chunk of the PyTorch scan; None scans the whole sequence at once (the
-            (B, L, D, N) states in memory, no recomputation). Ignored by ``mamba_ssm``.
+        chunk_size: steps per chunk of the PyTorch scan; ``"auto"`` sizes chunks by ``AUTO_CHUNK_BYTES``, None
+            scans the whole sequence at once (the (B, L, D, N) states in memory, no recomputation). Ignored
+            by ``mamba_ssm``.
 
     Returns:
         y: (B, D, L) in ``u``'s dtype. The PyTorch path computes in float32 at least (float64 stays float64).
@@ -249,8 +264,10 @@ def selective_scan(
             raise ValueError(f"selective_scan: {name} must be ({d},), got {tuple(t.shape)}")
     if z is not None and z.shape != u.shape:
         raise ValueError(f"selective_scan: z must match u's shape {tuple(u.shape)}, got {tuple(z.shape)}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 1):
-        raise ValueError(f"selective_scan: chunk_size must be a positive integer or None, got {chunk_size!r}")
+    if chunk_size not in (None, "auto") and (
+        not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
+    ):
+        raise ValueError(f"selective_scan: chunk_size must be a positive integer, 'auto' or None, got {chunk_size!r}")
 
     use_kernel = backend == "mamba_ssm" or (backend == "auto" and MAMBA_SSM_AVAILABLE and u.is_cuda)
     if use_kernel:
@@ -285,7 +302,8 @@ def selective_scan(
         _log_choice_once(
             f"pscan-{u.device.type}",
             logging.INFO,
-            f"selective_scan: chunked PyTorch scan on {u.device.type}, chunks of {chunk_size or 'all'} steps",
+            f"selective_scan: chunked PyTorch scan on {u.device.type}, chunks of {chunk_size or 'all'} steps"
+            + (f" (about {AUTO_CHUNK_BYTES // 2**20} MiB of states each)" if chunk_size == "auto" else ""),
         )
     dtype = torch.promote_types(u.dtype, torch.float32)
     delta = delta.to(dtype)
@@ -301,7 +319,7 @@ def selective_scan(
         C.to(dtype),
         None if D is None else D.to(dtype),
         None if z is None else z.to(dtype),
-        None if chunk_size is None else int(chunk_size),
+        chunk_size,
     )
     return y.to(u.dtype)
 
@@ -351,7 +369,7 @@ class SS2D(nn.Module):
         dt_init_floor: float = 1e-4,
         dt_scale: float = 1.0,
         scan_backend: ScanBackend = "auto",
-        scan_chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+        scan_chunk_size: ChunkSize = "auto",
     ) -> None:
         super().__init__()
         if not 0 < dt_min <= dt_max:
@@ -539,7 +557,7 @@ class VMamba(nn.Module):
         mlp_ratio: float = 0.0,
         drop_path_rate: float = 0.0,
         scan_backend: ScanBackend = "auto",
-        scan_chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+        scan_chunk_size: ChunkSize = "auto",
         grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
