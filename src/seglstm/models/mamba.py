@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from mambapy.pscan import pscan
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -445,19 +445,6 @@ class SS2D(nn.Module):
         return self.out_proj(y)
 
 
-class Mlp(nn.Module):
-    """Channel MLP of a VSS block (used when ``mlp_ratio > 0``)."""
-
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class VSSBlock(nn.Module):
     """Pre-norm residual SS2D block, optionally followed by a pre-norm residual MLP. (B, H, W, C) in and out."""
 
@@ -468,7 +455,7 @@ class VSSBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         if mlp_ratio > 0:
             self.norm2 = nn.LayerNorm(dim)
-            self.mlp = Mlp(dim, int(dim * mlp_ratio))
+            self.mlp = Mlp(dim, int(dim * mlp_ratio))  # fc1, GELU, fc2
         else:
             self.norm2 = self.mlp = None
 
@@ -493,18 +480,6 @@ class PatchMerging(nn.Module):
         x = x.unflatten(1, (-1, 2)).unflatten(3, (-1, 2))  # (B, H/2, 2, W/2, 2, C)
         x = x.permute(0, 1, 3, 4, 2, 5).flatten(3)  # (B, H/2, W/2, 4C)
         return self.reduction(self.norm(x))
-
-
-class PatchEmbed(nn.Module):
-    """Non-overlapping ``patch x patch`` convolution, then LayerNorm; returns channels-last tokens."""
-
-    def __init__(self, in_chans: int, dim: int, patch_size: int) -> None:
-        super().__init__()
-        self.proj = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
-        self.norm = nn.LayerNorm(dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.proj(x).permute(0, 2, 3, 1))
 
 
 class VSSStage(nn.Module):
@@ -569,7 +544,11 @@ class VMamba(nn.Module):
                 f"VMamba: need one positive depth per stage, got dims={dims}, depths={list(depths)}"
             )
         self.patch_size = patch_size
-        self.patch_embed = PatchEmbed(in_chans, dims[0], patch_size)
+        # Non-overlapping patch x patch convolution, then LayerNorm on channels-last tokens (proj.*, norm.*).
+        self.patch_embed = PatchEmbed(
+            img_size=None, patch_size=patch_size, in_chans=in_chans, embed_dim=dims[0], norm_layer=nn.LayerNorm,
+            output_fmt="NHWC", strict_img_size=False,
+        )  # fmt: skip
 
         n_blocks = sum(depths)
         dpr = [drop_path_rate * i / max(n_blocks - 1, 1) for i in range(n_blocks)]
