@@ -46,7 +46,10 @@ def _configure_scan(recompute: bool) -> None:
         mamba.checkpoint = lambda fn, *args, **kwargs: fn(*args)
 
 
-def scan_job(batch: int, length: int, chunk: int | str | None, max_mem_gib: float | None) -> dict[str, Any]:
+def scan_job(
+    batch: int, length: int, chunk: int | str | None, max_mem_gib: float | None, recompute: bool = True
+) -> dict[str, Any]:
+    _configure_scan(recompute)
     from seglstm.models.mamba import selective_scan
 
     dev = torch.device("cpu")
@@ -90,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=2, help="training and sweep batch (default 2)")
     parser.add_argument("--infer-size", type=int, default=1024, help="inference side (default 1024)")
     parser.add_argument("--chunks", type=int, nargs="+", default=[64, 128, 256, 512, 1024])
-    parser.add_argument("--steps", type=int, default=1, help="timed training steps after one warm-up step")
+    parser.add_argument("--steps", type=int, default=1, help="timed training steps after the warm-up steps")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed training steps first (default 1)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of: " + ", ".join(VARIANTS))
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per configuration")
     parser.add_argument("--max-mem-gib", type=float, default=8.0, help="address-space cap per child, GiB")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/mamba_memory.json)")
@@ -105,23 +110,23 @@ def main(argv: list[str] | None = None) -> int:
 
     if "sweep" in parts:
         length = (args.size // 4) ** 2
-        for chunk in [None, "auto", *args.chunks]:
+        for chunk, recompute in [(None, True), ("auto", True), ("auto", False), *((c, True) for c in args.chunks)]:
             res = run_isolated(scan_job, timeout=args.timeout, batch=args.batch, length=length, chunk=chunk,
-                               max_mem_gib=cap)  # fmt: skip
-            record({"part": "scan fwd+bwd", "variant": f"chunk {chunk}" if chunk else "whole sequence",
-                    "side": args.size, "batch": args.batch, **res})  # fmt: skip
+                               max_mem_gib=cap, recompute=recompute)  # fmt: skip
+            variant = f"chunk {chunk}" + ("" if recompute else ", no recompute") if chunk else "whole sequence"
+            record({"part": "scan fwd+bwd", "variant": variant, "side": args.size, "batch": args.batch, **res})
     for part in ("train", "infer"):
         if part not in parts:
             continue
         for variant, (chunk, recompute) in VARIANTS.items():
-            if part == "infer" and not recompute:
+            if variant not in args.variants.split(",") or (part == "infer" and not recompute):
                 continue  # no backward pass: nothing is recomputed
             overrides = {"scan_chunk_size": chunk}
             if part == "train":
                 res = run_isolated(
                     train_job, timeout=args.timeout, recompute=recompute, max_mem_gib=cap, name="mamba_upernet",
                     num_classes=NUM_CLASSES, overrides=overrides, size=args.size, batch=args.batch,
-                    device="cpu", repeats=args.steps, warmup=1,
+                    device="cpu", repeats=args.steps, warmup=args.warmup,
                 )  # fmt: skip
                 side, batch = args.size, args.batch
             else:

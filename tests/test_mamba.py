@@ -156,9 +156,9 @@ def test_chunked_scan_keeps_l_times_d_for_backward(length, in_chunk):
     ld = b * length * d * 4  # bytes of one (B, L, D) float32 tensor
     chunked = _saved_bytes_of_forward(lambda: selective_scan(**kw, backend="pscan", chunk_size=64))
     whole = _saved_bytes_of_forward(lambda: selective_scan(**kw, backend="pscan", chunk_size=None))
-    # Inputs u, delta, z, B, C and the elementwise steps around the scan (delta + bias, its softplus, y, the
-    # gate) hold about 8 L*D; the states add one (D, N) per 64-step chunk, the whole-sequence scan N L*D.
-    assert chunked <= 10 * ld + (length // 64) * d * n * 4, chunked / ld
+    # The inputs u, delta, z, B, C (5 L*D here) and the output; the states add one (D, N) per 64-step chunk,
+    # the whole-sequence scan keeps N L*D and more.
+    assert chunked <= 7 * ld + (length // 64) * d * n * 4, chunked / ld
     assert whole > n * ld, whole / ld
 
 

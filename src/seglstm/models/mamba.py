@@ -133,14 +133,26 @@ def _scan_chunk(
     delta: torch.Tensor,
     B: torch.Tensor,
     C: torch.Tensor,
+    z: torch.Tensor | None,
     A: torch.Tensor,
+    D: torch.Tensor | None,
+    delta_bias: torch.Tensor | None,
+    delta_softplus: bool,
     groups: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One chunk of the scan from state ``h0`` (None = zeros): u, delta (T, b, D) -> y (T, b, D), h_T (b, D, N).
+    """One chunk of the scan from state ``h0`` (None = zeros): u, delta, z (b, D, T) -> y (T, b, D), h_T (b, D, N).
 
-    The chunk's (T, b, D, N) states exist only inside this call.
+    Everything elementwise happens here too (delta's bias and softplus, the D skip, the z gate), so that
+    under recomputation only the chunk's inputs and outputs are kept, and the chunk's (T, b, D, N) states
+    exist only inside this call.
     """
-    length, b, d = u.shape
+    b, d, length = u.shape
+    u = u.permute(2, 0, 1).contiguous()  # (T, b, D): one step is a contiguous slab
+    delta = delta.permute(2, 0, 1).contiguous()
+    if delta_bias is not None:
+        delta = delta + delta_bias
+    if delta_softplus:
+        delta = F.softplus(delta)
     Bv = _group_view(B, "B", b, d, length, groups).transpose(0, 1)  # (T|1, b|1, G|1, D/G|1, N)
     Cv = _group_view(C, "C", b, d, length, groups).transpose(0, 1)
     dA = torch.exp(delta.unsqueeze(-1) * A)  # (T, b, D, N)
@@ -153,6 +165,10 @@ def _scan_chunk(
     else:
         h = _SequentialRecurrence.apply(dA, dBu, h0)
     y = (h.unflatten(2, (groups, d // groups)) * Cv).sum(-1).flatten(2)  # (T, b, D)
+    if D is not None:
+        y = y + D * u
+    if z is not None:
+        y = y * F.silu(z.permute(2, 0, 1))
     return y, h[-1].clone()  # a copy: a view would keep the chunk's (T, b, D, N) states alive
 
 
@@ -171,9 +187,11 @@ def _chunked_selective_scan(
     C: torch.Tensor,
     D: torch.Tensor | None,
     z: torch.Tensor | None,
+    delta_bias: torch.Tensor | None,
+    delta_softplus: bool,
     chunk_size: ChunkSize,
 ) -> torch.Tensor:
-    """Selective scan on already-activated ``delta``, chunk by chunk along L (see the module docstring)."""
+    """The PyTorch selective scan, chunk by chunk along L (see the module docstring)."""
     b, d, length = u.shape
     group_counts = {int(t.shape[1]) for t in (B, C) if t.dim() == 4}
     if len(group_counts) > 1 or any(d % g for g in group_counts):
@@ -187,29 +205,24 @@ def _chunked_selective_scan(
     step = min(step, length)
     # Recomputing in the backward pass only saves memory when there is more than one chunk.
     recompute = step < length and torch.is_grad_enabled() and any(
-        t.requires_grad for t in (u, delta, A, B, C)
+        t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias)
     )
-    # (L, b, D): a chunk is a row slice. split, not indexing: its backward concatenates the chunks' gradients
-    # once, where each slice's backward would add a zero-filled full-length gradient.
-    u_chunks = u.permute(2, 0, 1).contiguous().split(step)
-    delta_chunks = delta.permute(2, 0, 1).contiguous().split(step)
-    n_chunks = len(u_chunks)
-    B_chunks, C_chunks = ((m,) * n_chunks if m.dim() == 2 else m.split(step, dim=-1) for m in (B, C))
-
+    # Chunks are views along L. split, not indexing: its backward concatenates the chunks' gradients once,
+    # where each slice's backward would add a zero-filled full-length gradient.
+    n_chunks = -(-length // step)
+    u_chunks, delta_chunks, B_chunks, C_chunks, z_chunks = (
+        (m,) * n_chunks if m is None or m.dim() == 2 else m.split(step, dim=-1) for m in (u, delta, B, C, z)
+    )
     h: torch.Tensor | None = None
     ys = []
-    for args in zip(u_chunks, delta_chunks, B_chunks, C_chunks):
+    for args in zip(u_chunks, delta_chunks, B_chunks, C_chunks, z_chunks):
+        args = (h, *args, A, D, delta_bias, delta_softplus, g)
         if recompute:
-            y, h = checkpoint(_scan_chunk, h, *args, A, g, use_reentrant=False)
+            y, h = checkpoint(_scan_chunk, *args, use_reentrant=False)
         else:
-            y, h = _scan_chunk(h, *args, A, g)
+            y, h = _scan_chunk(*args)
         ys.append(y)
-    y = torch.cat(ys).permute(1, 2, 0)  # (b, D, L)
-    if D is not None:
-        y = y + D.unsqueeze(-1) * u
-    if z is not None:
-        y = y * F.silu(z)
-    return y
+    return torch.cat(ys).permute(1, 2, 0)  # (b, D, L), channels stride 1
 
 
 def selective_scan(
@@ -306,19 +319,10 @@ def selective_scan(
             + (f" (about {AUTO_CHUNK_BYTES // 2**20} MiB of states each)" if chunk_size == "auto" else ""),
         )
     dtype = torch.promote_types(u.dtype, torch.float32)
-    delta = delta.to(dtype)
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(dtype).unsqueeze(-1)
-    if delta_softplus:
-        delta = F.softplus(delta)
     y = _chunked_selective_scan(
-        u.to(dtype),
-        delta,
-        A.to(dtype),
-        B.to(dtype),
-        C.to(dtype),
-        None if D is None else D.to(dtype),
-        None if z is None else z.to(dtype),
+        *(t.to(dtype) for t in (u, delta, A, B, C)),
+        *(None if t is None else t.to(dtype) for t in (D, z, delta_bias)),
+        delta_softplus,
         chunk_size,
     )
     return y.to(u.dtype)
