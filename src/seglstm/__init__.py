@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 __all__ = ["create_encoder", "create_model", "list_encoders", "list_models", "load_pretrained"]
+_SUBPACKAGES = ("cli", "data", "inference", "metrics", "models", "study", "training", "utils")
 
 if TYPE_CHECKING:
     from seglstm.models import create_encoder, create_model, list_encoders, list_models, load_pretrained
@@ -18,4 +20,6 @@ def __getattr__(name: str) -> Any:
         from seglstm import models
 
         return getattr(models, name)
+    if name in _SUBPACKAGES:  # ``import seglstm; seglstm.models...`` keeps working
+        return importlib.import_module(f"seglstm.{name}")
     raise AttributeError(f"module 'seglstm' has no attribute {name!r}")
