@@ -2,7 +2,7 @@
 chunked, with and without recomputing each chunk in the backward pass, alone and inside ``mamba_upernet``.
 
     python benchmarks/mamba_memory.py [--parts sweep,train,infer] [--size 512] [--batch 2] [--infer-size 1024]
-        [--chunks 64 128 256 512 1024] [--max-mem-gib 8]
+        [--chunks 64 256 1024] [--max-mem-gib 8]
 
 ``sweep``: the scan alone at the shape of VMamba-T's first stage for a ``--size`` input (4 directions x 192
 channels = D 768, N 16, L = (size/4)^2, batch ``--batch``), forward + backward, for the whole sequence, the
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=512, help="training side and the sweep's image side")
     parser.add_argument("--batch", type=int, default=2, help="training and sweep batch (default 2)")
     parser.add_argument("--infer-size", type=int, default=1024, help="inference side (default 1024)")
-    parser.add_argument("--chunks", type=int, nargs="+", default=[64, 128, 256, 512, 1024])
+    parser.add_argument("--chunks", type=int, nargs="*", default=[64, 256, 1024], help="fixed chunk sizes to sweep")
     parser.add_argument("--steps", type=int, default=1, help="timed training steps after the warm-up steps")
     parser.add_argument("--warmup", type=int, default=1, help="untimed training steps first (default 1)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of: " + ", ".join(VARIANTS))

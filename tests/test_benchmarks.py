@@ -129,3 +129,19 @@ def test_gpu_check_cpu_dry_run(tmp_path):
     assert {s for (stage, c), s in checks.items() if stage == "amp" and "exit" not in c} == {"PASS"}
     assert checks[("fit", "seglstm fit 6 steps")] == "PASS"
     assert "seglstm GPU check:" in proc.stdout and (out / "summary.txt").read_text() in proc.stdout + "\n"
+
+
+@pytest.mark.slow  # two mamba_upernet training steps at 256x256 on the CPU (minutes)
+def test_mamba_upernet_trains_under_a_memory_cap_with_the_chunked_scan():
+    """The reduced-size twin of benchmarks/mamba_memory.py: at 256x256, batch 2, a training step (forward,
+    loss, backward, AdamW) fits in 3 GiB of address space with the chunked scan; the whole-sequence scan
+    ((B, L, D, N) states) does not."""
+    from training_throughput import capped_training_speed
+
+    common = dict(max_mem_gib=3.0, name="mamba_upernet", num_classes=7, size=256, batch=2, device="cpu",
+                  repeats=1, warmup=0)  # fmt: skip
+    chunked = run_isolated(capped_training_speed, timeout=1800, overrides={"scan_chunk_size": "auto"}, **common)
+    assert "error" not in chunked, chunked
+    assert 0 < chunked["peak_mib"] < 3 * 1024
+    whole = run_isolated(capped_training_speed, timeout=1800, overrides={"scan_chunk_size": None}, **common)
+    assert "memory" in whole.get("error", "").lower(), whole
