@@ -9,29 +9,14 @@ cannot inflate the next.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-
-def add_omp_wait_policy(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--omp-wait-policy",
-        choices=["passive", "active", "inherit"],
-        default="passive",
-        help="OMP_WAIT_POLICY of the measuring processes ('inherit': leave the environment as is)",
-    )
-
-
-def apply_omp_wait_policy(policy: str) -> str:
-    """Set OMP_WAIT_POLICY before any measuring child starts (OpenMP reads it when a spawned child loads
-    torch); returns the value the children run with, for the results JSON."""
-    if policy != "inherit":
-        os.environ["OMP_WAIT_POLICY"] = policy.upper()
-    return os.environ.get("OMP_WAIT_POLICY", "default")
+# re-exported for the benchmark scripts
+from seglstm.utils.threads import add_omp_wait_policy as add_omp_wait_policy
+from seglstm.utils.threads import apply_omp_wait_policy as apply_omp_wait_policy
 
 
 def print_table(rows: list[dict[str, Any]], columns: list[str]) -> str:

@@ -4,6 +4,7 @@ of each through its own command line."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import scaling
 import training_throughput
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _row(model, side, seconds, peak, part="encoder", batch=1, mode="forward"):
@@ -103,3 +106,42 @@ def test_training_throughput_smoke(tmp_path):
     assert ok["model"] == "deeplabv3plus_r18" and ok["steps_per_s"] == pytest.approx(1 / ok["seconds"])
     assert ok["images_per_s"] == pytest.approx(2 * ok["steps_per_s"]) and ok["peak_mib"] > 0
     assert "no_such_option" in bad["error"]  # a failing model is a row with its error
+
+
+@pytest.mark.slow  # every stage is a fresh process; full-size encoders on the CPU (minutes)
+def test_gpu_check_cpu_dry_run(tmp_path):
+    """benchmarks/gpu_check.py runs end to end: every stage, one table, no failed check."""
+    out = tmp_path / "gc"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "gpu_check.py"), "--cpu-dry-run", "--out", str(out)],
+        capture_output=True, text=True, timeout=1500,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(ln) for ln in (out / "results.jsonl").read_text().splitlines() if ln.strip()]
+    stages = {r["stage"] for r in rows}
+    assert stages >= {"env", "cell", "triton", "amp", "enc_vil_s", "enc_vit_s", "enc_swin_t", "train_seglstm",
+                      "train_vit", "train_swin", "synth", "fit"}  # fmt: skip
+    assert not [r for r in rows if r["status"] == "FAIL"], [r for r in rows if r["status"] == "FAIL"]
+    checks = {(r["stage"], r["check"]): r["status"] for r in rows}
+    # The correctness stages pass on any machine; speed stages may run out of their time on a loaded CPU.
+    cell = [s for (stage, _), s in checks.items() if stage == "cell" and _ != "reference" and "exit" not in _]
+    assert len(cell) == 9 and set(cell) == {"PASS"}
+    assert {s for (stage, c), s in checks.items() if stage == "amp" and "exit" not in c} == {"PASS"}
+    assert checks[("fit", "seglstm fit 6 steps")] == "PASS"
+    assert "seglstm GPU check:" in proc.stdout and (out / "summary.txt").read_text() in proc.stdout + "\n"
+
+
+@pytest.mark.slow  # two mamba_upernet training steps at 256x256 on the CPU (minutes)
+def test_mamba_upernet_trains_under_a_memory_cap_with_the_chunked_scan():
+    """The reduced-size twin of benchmarks/mamba_memory.py: at 256x256, batch 2, a training step (forward,
+    loss, backward, AdamW) fits in 3 GiB of address space with the chunked scan; the whole-sequence scan
+    ((B, L, D, N) states) does not."""
+    from training_throughput import capped_training_speed
+
+    common = dict(max_mem_gib=3.0, name="mamba_upernet", num_classes=7, size=256, batch=2, device="cpu",
+                  repeats=1, warmup=0)  # fmt: skip
+    chunked = run_isolated(capped_training_speed, timeout=1800, overrides={"scan_chunk_size": "auto"}, **common)
+    assert "error" not in chunked, chunked
+    assert 0 < chunked["peak_mib"] < 3 * 1024
+    whole = run_isolated(capped_training_speed, timeout=1800, overrides={"scan_chunk_size": None}, **common)
+    assert "memory" in whole.get("error", "").lower(), whole

@@ -87,6 +87,118 @@ def test_scan_gradients_match_recurrence(layout):
         torch.testing.assert_close(leaves[k].grad, refs[k].grad, rtol=1e-9, atol=1e-9, msg=f"grad of {k}")
 
 
+def _whole_sequence_parallel_scan(monkeypatch, **kw):
+    """The scan as it was before chunking: mambapy's parallel scan over the whole sequence at once."""
+    with monkeypatch.context() as m:
+        m.setattr(mamba, "_parallel_in_chunk", lambda device: True)
+        return selective_scan(**kw, backend="pscan", chunk_size=None)
+
+
+@pytest.fixture(params=["sequential", "parallel"])
+def in_chunk(request, monkeypatch):
+    """Both ways of scanning inside a chunk (a CPU runs the sequential one, a GPU mambapy's parallel scan)."""
+    monkeypatch.setattr(mamba, "_parallel_in_chunk", lambda device: request.param == "parallel")
+    return request.param
+
+
+@pytest.mark.parametrize("layout", ["time_invariant", "shared", "grouped"])
+@pytest.mark.parametrize("chunk_size", [1, 4, 5, 16, None])
+def test_chunked_scan_matches_recurrence_and_whole_sequence_scan(layout, chunk_size, in_chunk, monkeypatch):
+    """Chunks that divide L, that do not (a short last chunk), one step each and one chunk."""
+    gen = torch.Generator().manual_seed((chunk_size or 99) * 7 + len(layout))
+    kw = _inputs(gen, b=2, d=8, n=3, length=37, layout=layout)
+    got = selective_scan(**kw, backend="pscan", chunk_size=chunk_size)
+    torch.testing.assert_close(got, reference_scan(**kw), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got, _whole_sequence_parallel_scan(monkeypatch, **kw), rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("layout", ["time_invariant", "shared", "grouped"])
+@pytest.mark.parametrize("chunk_size", [3, 8, None])
+def test_chunked_scan_gradients_match_recurrence(layout, chunk_size, in_chunk, monkeypatch):
+    """Through the per-chunk recomputation: gradients of every input (u, delta with its bias and softplus,
+    A, B, C, the D skip and the z gate) against autograd through the step-by-step recurrence."""
+    gen = torch.Generator().manual_seed(40 + (chunk_size or 0))
+    kw = _inputs(gen, b=2, d=8, n=4, length=29, layout=layout)
+    kw["delta"] = kw["delta"] * 2  # step sizes spread over a wide range (softplus of N(0, 2) plus bias)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in kw.items()}
+    refs = {k: v.clone().requires_grad_(True) for k, v in kw.items()}
+    whole = {k: v.clone().requires_grad_(True) for k, v in kw.items()}
+    weight = torch.randn(2, 8, 29, generator=gen, dtype=F64)
+    (selective_scan(**leaves, backend="pscan", chunk_size=chunk_size) * weight).sum().backward()
+    (reference_scan(**refs) * weight).sum().backward()
+    (_whole_sequence_parallel_scan(monkeypatch, **whole) * weight).sum().backward()
+    for k in kw:
+        torch.testing.assert_close(leaves[k].grad, refs[k].grad, rtol=1e-9, atol=1e-9, msg=f"grad of {k}")
+        torch.testing.assert_close(leaves[k].grad, whole[k].grad, rtol=1e-10, atol=1e-10, msg=f"grad of {k}")
+
+
+def _saved_bytes_of_forward(fn) -> int:
+    """Bytes that autograd keeps for the backward pass of ``fn()`` (each storage counted once)."""
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("length", [512, 2048])
+def test_chunked_scan_keeps_l_times_d_for_backward(length, in_chunk):
+    """What the backward pass holds grows with L * D for the chunked scan (inputs, outputs, one state per
+    chunk), and with L * D * N for the whole-sequence scan: measured by autograd's saved tensors."""
+    gen = torch.Generator().manual_seed(length)
+    b, d, n = 1, 64, 16  # 4 groups: B and C are (1, 4, 16, L), as large as u
+    kw = {k: v.float().requires_grad_(True) for k, v in _inputs(gen, b, d, n, length, "grouped").items()}
+    ld = b * length * d * 4  # bytes of one (B, L, D) float32 tensor
+    chunked = _saved_bytes_of_forward(lambda: selective_scan(**kw, backend="pscan", chunk_size=64))
+    whole = _saved_bytes_of_forward(lambda: selective_scan(**kw, backend="pscan", chunk_size=None))
+    # The inputs u, delta, z, B, C (5 L*D here) and the output; the states add one (D, N) per 64-step chunk,
+    # the whole-sequence scan keeps N L*D and more.
+    assert chunked <= 7 * ld + (length // 64) * d * n * 4, chunked / ld
+    assert whole > n * ld, whole / ld
+
+
+def test_vmamba_chunked_scan_matches_whole_sequence():
+    """The encoder with a chunk size below its token count (several chunks per stage) against one chunk."""
+    torch.manual_seed(6)
+    chunked = VMamba(dims=(8, 16), depths=(1, 1), d_state=4, scan_chunk_size=24).double()
+    whole = VMamba(dims=(8, 16), depths=(1, 1), d_state=4, scan_chunk_size=None).double()
+    whole.load_state_dict(chunked.state_dict())
+    x = torch.randn(2, 3, 40, 36, dtype=F64)  # 10 x 9 = 90 tokens in stage 1: 4 chunks
+    outs = [enc(x) for enc in (chunked, whole)]
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    grads = []
+    for enc, o in zip((chunked, whole), outs):
+        sum((t * torch.linspace(-1, 1, t.numel(), dtype=F64).view_as(t)).sum() for t in o).backward()
+        grads.append([p.grad for p in enc.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_auto_chunk_size_targets_the_state_bytes():
+    u = torch.empty(2, 768, 16384)  # VMamba-T's first stage at 512 x 512, batch 2: 96 KiB of states per step
+    t = mamba.auto_chunk_size(u, 16)
+    assert t == 512 and mamba.AUTO_CHUNK_BYTES // 2 <= t * 2 * 768 * 16 * 4 <= mamba.AUTO_CHUNK_BYTES
+    assert mamba.auto_chunk_size(torch.empty(64, 4096, 8), 64) == 16  # never below 16 steps
+    assert mamba.auto_chunk_size(u.double(), 16) == 256
+
+
+def test_scan_logs_its_choice_once(caplog):
+    gen = torch.Generator().manual_seed(8)
+    kw = _inputs(gen, b=1, d=4, n=2, length=6, layout="shared")
+    mamba._logged_choices.discard("pscan-cpu")
+    with caplog.at_level("INFO", logger="seglstm.models.mamba"):
+        selective_scan(**kw, chunk_size=4)
+        selective_scan(**kw, chunk_size=4)
+    messages = [r.getMessage() for r in caplog.records if r.name == "seglstm.models.mamba"]
+    assert messages == ["selective_scan: chunked PyTorch scan on cpu, chunks of 4 steps"]
+
+
 def test_scan_options_and_float32():
     gen = torch.Generator().manual_seed(5)
     kw = _inputs(gen, b=1, d=6, n=2, length=11, layout="grouped", groups=3)
@@ -116,6 +228,9 @@ def test_scan_rejects_bad_shapes():
         selective_scan(**{**kw, "C": torch.randn(1, 2, 2, 5, dtype=F64)})
     with pytest.raises(ValueError, match="backend"):
         selective_scan(**kw, backend="cuda")
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="chunk_size"):
+            selective_scan(**kw, chunk_size=bad)
     if not mamba.MAMBA_SSM_AVAILABLE:
         with pytest.raises(RuntimeError, match="mamba_ssm"):
             selective_scan(**kw, backend="mamba_ssm")

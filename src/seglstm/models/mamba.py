@@ -6,14 +6,18 @@ stride-4 patch embedding, four stages of VSS blocks whose SS2D mixer scans the t
 stages, giving maps at 1/4, 1/8, 1/16 and 1/32.
 
 ``selective_scan`` has the signature and semantics of ``mamba_ssm``'s ``selective_scan_fn``. It uses that CUDA
-kernel when the package imports and the tensors live on a GPU; otherwise it runs the parallel (Blelloch) scan of
-the ``mambapy`` package, which is plain PyTorch and works on any device. The PyTorch path materialises
-(B, L, D, N) state tensors, so at 512 x 512 it needs far more memory than the fused kernel: enable
-``set_grad_checkpointing`` when training without ``mamba_ssm``.
+kernel when the package imports (``pip install seglstm[mamba]``, needs a CUDA toolkit) and the tensors live on a
+GPU. Otherwise it runs a chunked scan in plain PyTorch: the sequence is cut into chunks of ``chunk_size`` steps,
+each chunk's (B, chunk, D, N) states are computed (by a sequential recurrence on CPUs, by the parallel
+(Blelloch) scan of the ``mambapy`` package on GPUs), and only the (B, D, N) state at the chunk's end is
+carried to the next one. When gradients are needed every chunk
+runs under ``torch.utils.checkpoint``, so the backward pass recomputes a chunk's states instead of keeping
+them. Memory then grows with L * D (inputs, outputs, one state per chunk) rather than with L * D * N.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -21,7 +25,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from mambapy.pscan import pscan
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -44,6 +48,23 @@ __all__ = [
 
 MAMBA_SSM_AVAILABLE = _mamba_ssm_scan_fn is not None
 ScanBackend = Literal["auto", "mamba_ssm", "pscan"]
+ChunkSize = int | Literal["auto"] | None
+# "auto" chunks hold this many bytes of states (B, chunk, D, N): large enough that the allocator returns
+# their memory to the system between chunks (glibc maps blocks over 32 MiB on their own; smaller ones
+# fragment its heap, which then grows with every chunk) and that the Python loop costs little, small
+# enough that a chunk's working set stays a few hundred MiB (benchmarks/NOTES.md, "Mamba chunked selective
+# scan").
+AUTO_CHUNK_BYTES = 64 * 2**20
+
+log = logging.getLogger(__name__)
+_logged_choices: set[str] = set()
+
+
+def _log_choice_once(key: str, level: int, message: str) -> None:
+    """Say once per process which scan runs: the PyTorch fallback is far slower than the CUDA kernel."""
+    if key not in _logged_choices:
+        _logged_choices.add(key)
+        log.log(level, message)
 
 
 def _group_view(m: torch.Tensor, name: str, batch: int, dim: int, length: int, groups: int) -> torch.Tensor:
@@ -62,7 +83,103 @@ def _group_view(m: torch.Tensor, name: str, batch: int, dim: int, length: int, g
     )
 
 
-def _pscan_selective_scan(
+class _SequentialRecurrence(torch.autograd.Function):
+    """``h_t = a_t * h_{t-1} + x_t`` over (T, ...) tensors, one fused multiply-add per step.
+
+    On a CPU this is far faster than a parallel scan (one pass over the data instead of 2 log2(T) strided
+    ones, benchmarks/NOTES.md, "Mamba chunked selective scan"). The backward pass is the same recurrence run in
+    reverse: ``g_t = dL/dh_t + a_{t+1} g_{t+1}``, so ``dL/dx_t = g_t``, ``dL/da_t = g_t h_{t-1}`` and
+    ``dL/dh_0 = a_1 g_1``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor | None) -> torch.Tensor:
+        h = torch.empty_like(x)
+        if h0 is None:
+            h[0] = x[0]
+        else:
+            torch.addcmul(x[0], a[0], h0, out=h[0])
+        for t in range(1, x.shape[0]):
+            torch.addcmul(x[t], a[t], h[t - 1], out=h[t])
+        ctx.save_for_backward(a, h, h0)
+        return h
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        a, h, h0 = ctx.saved_tensors
+        g = torch.empty_like(grad_h)
+        g[-1] = grad_h[-1]
+        for t in range(g.shape[0] - 2, -1, -1):
+            torch.addcmul(grad_h[t], a[t + 1], g[t + 1], out=g[t])
+        grad_a = torch.empty_like(a)
+        torch.mul(g[1:], h[:-1], out=grad_a[1:])
+        if h0 is None:
+            grad_a[0] = 0
+        else:
+            torch.mul(g[0], h0, out=grad_a[0])
+        return grad_a, g, None if h0 is None else a[0] * g[0]
+
+
+def _parallel_in_chunk(device: torch.device) -> bool:
+    """Within a chunk, mambapy's parallel scan on GPUs (few, large kernels) and the sequential recurrence on
+    CPUs (one pass over memory)."""
+    return device.type == "cuda"
+
+
+def _scan_chunk(
+    h0: torch.Tensor | None,
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    z: torch.Tensor | None,
+    A: torch.Tensor,
+    D: torch.Tensor | None,
+    delta_bias: torch.Tensor | None,
+    delta_softplus: bool,
+    groups: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk of the scan from state ``h0`` (None = zeros): u, delta, z (b, D, T) -> y (T, b, D), h_T (b, D, N).
+
+    Everything elementwise happens here too (delta's bias and softplus, the D skip, the z gate), so that
+    under recomputation only the chunk's inputs and outputs are kept, and the chunk's (T, b, D, N) states
+    exist only inside this call.
+    """
+    b, d, length = u.shape
+    u = u.permute(2, 0, 1).contiguous()  # (T, b, D): one step is a contiguous slab
+    delta = delta.permute(2, 0, 1).contiguous()
+    if delta_bias is not None:
+        delta = delta + delta_bias
+    if delta_softplus:
+        delta = F.softplus(delta)
+    Bv = _group_view(B, "B", b, d, length, groups).transpose(0, 1)  # (T|1, b|1, G|1, D/G|1, N)
+    Cv = _group_view(C, "C", b, d, length, groups).transpose(0, 1)
+    dA = torch.exp(delta.unsqueeze(-1) * A)  # (T, b, D, N)
+    du = (delta * u).unflatten(-1, (groups, d // groups)).unsqueeze(-1)  # (T, b, G, D/G, 1)
+    dBu = (du * Bv).flatten(2, 3)  # (T, b, D, N)
+    if _parallel_in_chunk(u.device):
+        if h0 is not None:  # fold the carried state into the first step: h_1 = dA_1 h_0 + dBu_1
+            dBu[0] += dA[0] * h0
+        h = pscan(dA.transpose(0, 1), dBu.transpose(0, 1)).transpose(0, 1)  # pscan works on (b, T, D, N)
+    else:
+        h = _SequentialRecurrence.apply(dA, dBu, h0)
+    y = (h.unflatten(2, (groups, d // groups)) * Cv).sum(-1).flatten(2)  # (T, b, D)
+    if D is not None:
+        y = y + D * u
+    if z is not None:
+        y = y * F.silu(z.permute(2, 0, 1))
+    return y, h[-1].clone()  # a copy: a view would keep the chunk's (T, b, D, N) states alive
+
+
+def auto_chunk_size(u: torch.Tensor, d_state: int) -> int:
+    """Steps per chunk whose (B, chunk, D, N) states take about ``AUTO_CHUNK_BYTES``: a power of two >= 16."""
+    b, d, _ = u.shape
+    per_step = b * d * d_state * torch.promote_types(u.dtype, torch.float32).itemsize
+    return max(16, 2 ** int(math.log2(max(AUTO_CHUNK_BYTES // per_step, 1))))
+
+
+def _chunked_selective_scan(
     u: torch.Tensor,
     delta: torch.Tensor,
     A: torch.Tensor,
@@ -70,8 +187,11 @@ def _pscan_selective_scan(
     C: torch.Tensor,
     D: torch.Tensor | None,
     z: torch.Tensor | None,
+    delta_bias: torch.Tensor | None,
+    delta_softplus: bool,
+    chunk_size: ChunkSize,
 ) -> torch.Tensor:
-    """Selective scan on already-activated ``delta``, computed with mambapy's parallel scan."""
+    """The PyTorch selective scan, chunk by chunk along L (see the module docstring)."""
     b, d, length = u.shape
     group_counts = {int(t.shape[1]) for t in (B, C) if t.dim() == 4}
     if len(group_counts) > 1 or any(d % g for g in group_counts):
@@ -79,19 +199,30 @@ def _pscan_selective_scan(
             f"selective_scan: grouped B and C need the same group count dividing D={d}, got {sorted(group_counts)}"
         )
     g = group_counts.pop() if group_counts else 1
-    Bv = _group_view(B, "B", b, d, length, g)
-    Cv = _group_view(C, "C", b, d, length, g)
-    delta_t = delta.transpose(1, 2)  # (b, L, D)
-    dA = torch.exp(delta_t.unsqueeze(-1) * A)  # (b, L, D, N)
-    du = (delta_t * u.transpose(1, 2)).unflatten(-1, (g, d // g)).unsqueeze(-1)  # (b, L, G, D/G, 1)
-    dBu = (du * Bv).flatten(2, 3)  # (b, L, D, N)
-    h = pscan(dA, dBu)  # h_t = dA_t * h_{t-1} + dBu_t, h_0 = dBu_0
-    y = (h.unflatten(2, (g, d // g)) * Cv).sum(-1).flatten(2).transpose(1, 2)  # (b, D, L)
-    if D is not None:
-        y = y + D.unsqueeze(-1) * u
-    if z is not None:
-        y = y * F.silu(z)
-    return y
+    for name, m in (("B", B), ("C", C)):  # full-length check here, as the chunks only see slices
+        _group_view(m, name, b, d, length, g)
+    step = length if chunk_size is None else auto_chunk_size(u, A.shape[1]) if chunk_size == "auto" else chunk_size
+    step = min(step, length)
+    # Recomputing in the backward pass only saves memory when there is more than one chunk.
+    recompute = step < length and torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias)
+    )
+    # Chunks are views along L. split, not indexing: its backward concatenates the chunks' gradients once,
+    # where each slice's backward would add a zero-filled full-length gradient.
+    n_chunks = -(-length // step)
+    u_chunks, delta_chunks, B_chunks, C_chunks, z_chunks = (
+        (m,) * n_chunks if m is None or m.dim() == 2 else m.split(step, dim=-1) for m in (u, delta, B, C, z)
+    )
+    h: torch.Tensor | None = None
+    ys = []
+    for args in zip(u_chunks, delta_chunks, B_chunks, C_chunks, z_chunks):
+        args = (h, *args, A, D, delta_bias, delta_softplus, g)
+        if recompute:
+            y, h = checkpoint(_scan_chunk, *args, use_reentrant=False)
+        else:
+            y, h = _scan_chunk(*args)
+        ys.append(y)
+    return torch.cat(ys).permute(1, 2, 0)  # (b, D, L), channels stride 1
 
 
 def selective_scan(
@@ -105,6 +236,7 @@ def selective_scan(
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = True,
     backend: ScanBackend = "auto",
+    chunk_size: ChunkSize = "auto",
 ) -> torch.Tensor:
     """Mamba's selective scan, ``mamba_ssm.selective_scan_fn`` semantics.
 
@@ -119,8 +251,12 @@ def selective_scan(
         D, delta_bias: (D,).
         delta_softplus: apply softplus to ``delta + delta_bias``. True by default, as every Mamba block uses it
             (``mamba_ssm`` defaults to False).
-        backend: ``"auto"`` picks ``mamba_ssm`` for CUDA tensors when it imports and the mambapy parallel scan
+        backend: ``"auto"`` picks ``mamba_ssm`` for CUDA tensors when it imports and the chunked PyTorch scan
             otherwise; ``"mamba_ssm"`` or ``"pscan"`` force one.
+            The choice is logged once per process.
+        chunk_size: steps per chunk of the PyTorch scan; ``"auto"`` sizes chunks by ``AUTO_CHUNK_BYTES``, None
+            scans the whole sequence at once (the (B, L, D, N) states in memory, no recomputation). Ignored
+            by ``mamba_ssm``.
 
     Returns:
         y: (B, D, L) in ``u``'s dtype. The PyTorch path computes in float32 at least (float64 stays float64).
@@ -141,13 +277,21 @@ def selective_scan(
             raise ValueError(f"selective_scan: {name} must be ({d},), got {tuple(t.shape)}")
     if z is not None and z.shape != u.shape:
         raise ValueError(f"selective_scan: z must match u's shape {tuple(u.shape)}, got {tuple(z.shape)}")
+    if chunk_size not in (None, "auto") and (
+        not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
+    ):
+        raise ValueError(f"selective_scan: chunk_size must be a positive integer, 'auto' or None, got {chunk_size!r}")
 
     use_kernel = backend == "mamba_ssm" or (backend == "auto" and MAMBA_SSM_AVAILABLE and u.is_cuda)
     if use_kernel:
         if not MAMBA_SSM_AVAILABLE:
-            raise RuntimeError("selective_scan: backend='mamba_ssm' requested but mamba_ssm does not import")
+            raise RuntimeError(
+                "selective_scan: backend='mamba_ssm' requested but mamba_ssm does not import "
+                "(pip install 'seglstm[mamba]' on a machine with a CUDA toolkit)"
+            )
         if not u.is_cuda:
             raise RuntimeError("selective_scan: the mamba_ssm kernel needs CUDA tensors")
+        _log_choice_once("mamba_ssm", logging.INFO, "selective_scan: mamba_ssm's fused CUDA kernel")
         return _mamba_ssm_scan_fn(
             u.contiguous(),
             delta.contiguous(),
@@ -160,20 +304,26 @@ def selective_scan(
             delta_softplus,
         )
 
+    if u.is_cuda and not MAMBA_SSM_AVAILABLE:
+        _log_choice_once(
+            "pscan-cuda",
+            logging.WARNING,
+            "selective_scan: mamba_ssm is not installed, so Mamba models run the chunked PyTorch scan on the GPU, "
+            "several times slower than the fused kernel (pip install 'seglstm[mamba]')",
+        )
+    else:
+        _log_choice_once(
+            f"pscan-{u.device.type}",
+            logging.INFO,
+            f"selective_scan: chunked PyTorch scan on {u.device.type}, chunks of {chunk_size or 'all'} steps"
+            + (f" (about {AUTO_CHUNK_BYTES // 2**20} MiB of states each)" if chunk_size == "auto" else ""),
+        )
     dtype = torch.promote_types(u.dtype, torch.float32)
-    delta = delta.to(dtype)
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(dtype).unsqueeze(-1)
-    if delta_softplus:
-        delta = F.softplus(delta)
-    y = _pscan_selective_scan(
-        u.to(dtype),
-        delta,
-        A.to(dtype),
-        B.to(dtype),
-        C.to(dtype),
-        None if D is None else D.to(dtype),
-        None if z is None else z.to(dtype),
+    y = _chunked_selective_scan(
+        *(t.to(dtype) for t in (u, delta, A, B, C)),
+        *(None if t is None else t.to(dtype) for t in (D, z, delta_bias)),
+        delta_softplus,
+        chunk_size,
     )
     return y.to(u.dtype)
 
@@ -206,7 +356,7 @@ class SS2D(nn.Module):
         dt_rank: rank of the low-rank delta projection; ``"auto"`` = ceil(dim / 16).
         d_conv: depthwise conv kernel applied before the scan.
         dt_min, dt_max, dt_init_floor, dt_scale: Mamba's initialisation of the step size.
-        scan_backend: passed to ``selective_scan``.
+        scan_backend, scan_chunk_size: ``backend`` and ``chunk_size`` of ``selective_scan``.
     """
 
     num_directions = 4
@@ -223,6 +373,7 @@ class SS2D(nn.Module):
         dt_init_floor: float = 1e-4,
         dt_scale: float = 1.0,
         scan_backend: ScanBackend = "auto",
+        scan_chunk_size: ChunkSize = "auto",
     ) -> None:
         super().__init__()
         if not 0 < dt_min <= dt_max:
@@ -234,6 +385,7 @@ class SS2D(nn.Module):
         self.d_state = d_state
         self.dt_rank = math.ceil(dim / 16) if dt_rank == "auto" else int(dt_rank)
         self.scan_backend = scan_backend
+        self.scan_chunk_size = scan_chunk_size
 
         self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False)
         self.conv2d = nn.Conv2d(d_inner, d_inner, d_conv, padding=d_conv // 2, groups=d_inner, bias=True)
@@ -290,23 +442,11 @@ class SS2D(nn.Module):
             delta_bias=self.dt_projs_bias.flatten().float(),
             delta_softplus=True,
             backend=self.scan_backend,
+            chunk_size=self.scan_chunk_size,
         ).view(b, k, d, h * w)
         y = cross_merge(ys, h, w).transpose(1, 2).reshape(b, h, w, d)
         y = self.out_norm(y) * F.silu(z)
         return self.out_proj(y)
-
-
-class Mlp(nn.Module):
-    """Channel MLP of a VSS block (used when ``mlp_ratio > 0``)."""
-
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class VSSBlock(nn.Module):
@@ -319,7 +459,7 @@ class VSSBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         if mlp_ratio > 0:
             self.norm2 = nn.LayerNorm(dim)
-            self.mlp = Mlp(dim, int(dim * mlp_ratio))
+            self.mlp = Mlp(dim, int(dim * mlp_ratio))  # fc1, GELU, fc2
         else:
             self.norm2 = self.mlp = None
 
@@ -344,18 +484,6 @@ class PatchMerging(nn.Module):
         x = x.unflatten(1, (-1, 2)).unflatten(3, (-1, 2))  # (B, H/2, 2, W/2, 2, C)
         x = x.permute(0, 1, 3, 4, 2, 5).flatten(3)  # (B, H/2, W/2, 4C)
         return self.reduction(self.norm(x))
-
-
-class PatchEmbed(nn.Module):
-    """Non-overlapping ``patch x patch`` convolution, then LayerNorm; returns channels-last tokens."""
-
-    def __init__(self, in_chans: int, dim: int, patch_size: int) -> None:
-        super().__init__()
-        self.proj = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
-        self.norm = nn.LayerNorm(dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.proj(x).permute(0, 2, 3, 1))
 
 
 class VSSStage(nn.Module):
@@ -389,7 +517,7 @@ class VMamba(nn.Module):
         depths: VSS blocks per stage.
         patch_size: stride of the patch embedding (the first output's reduction).
         in_chans: image channels.
-        d_state, ssm_ratio, dt_rank, d_conv, scan_backend: SS2D settings.
+        d_state, ssm_ratio, dt_rank, d_conv, scan_backend, scan_chunk_size: SS2D settings.
         mlp_ratio: hidden ratio of the MLP after each SS2D (0 = no MLP, VMamba v0).
         drop_path_rate: stochastic depth, increased linearly over all blocks.
         grad_checkpointing: start with ``set_grad_checkpointing(True)`` (selectable from configs).
@@ -408,6 +536,7 @@ class VMamba(nn.Module):
         mlp_ratio: float = 0.0,
         drop_path_rate: float = 0.0,
         scan_backend: ScanBackend = "auto",
+        scan_chunk_size: ChunkSize = "auto",
         grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
@@ -419,7 +548,11 @@ class VMamba(nn.Module):
                 f"VMamba: need one positive depth per stage, got dims={dims}, depths={list(depths)}"
             )
         self.patch_size = patch_size
-        self.patch_embed = PatchEmbed(in_chans, dims[0], patch_size)
+        # Non-overlapping patch x patch convolution, then LayerNorm on channels-last tokens (proj.*, norm.*).
+        self.patch_embed = PatchEmbed(
+            img_size=None, patch_size=patch_size, in_chans=in_chans, embed_dim=dims[0], norm_layer=nn.LayerNorm,
+            output_fmt="NHWC", strict_img_size=False,
+        )  # fmt: skip
 
         n_blocks = sum(depths)
         dpr = [drop_path_rate * i / max(n_blocks - 1, 1) for i in range(n_blocks)]
@@ -430,6 +563,7 @@ class VMamba(nn.Module):
             "dt_rank": dt_rank,
             "d_conv": d_conv,
             "scan_backend": scan_backend,
+            "scan_chunk_size": scan_chunk_size,
         }
         stages, start = [], 0
         for i, (dim, depth) in enumerate(zip(dims, depths)):
@@ -461,7 +595,7 @@ class VMamba(nn.Module):
             nn.init.zeros_(m.bias)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block in the backward pass: trades compute for the PyTorch scan's large states."""
+        """Recompute each block in the backward pass: trades compute for the blocks' stored activations."""
         for stage in self.stages:
             stage.grad_checkpointing = enable
 

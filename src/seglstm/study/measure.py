@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from seglstm.utils.device import amp_dtype, resolve_device
+
 __all__ = [
     "amp_dtype",
     "complexity",
@@ -108,23 +110,6 @@ def machine_info() -> dict[str, Any]:
 
 
 # -- timing and memory ----------------------------------------------------------------------------------
-
-
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``None``/``"auto"``: the first CUDA device when there is one, else the CPU."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return dev
-
-
-def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype a Lightning precision string implies on ``device`` (None = plain float32)."""
-    if device.type != "cuda":
-        return None
-    return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(str(precision))
 
 
 def _sync(device: torch.device) -> None:

@@ -3,7 +3,9 @@
 What it adds over ``lightning.pytorch.Trainer`` (every other argument is passed through unchanged):
 
 - ``precision="auto"``: ``bf16-mixed`` on a CUDA GPU that supports it (else ``16-mixed``), ``32-true`` on the
-  CPU. Mixed precision on the CPU is refused: it is slow there and the project's CPU numbers are float32.
+  CPU, with TF32 matmuls on CUDA (:func:`seglstm.utils.device.resolve_precision`). Mixed precision on the CPU
+  is refused: it is slow there and the project's CPU numbers are float32. An NVIDIA GPU that torch cannot
+  use (driver older than the wheel's CUDA) gives a warning rather than a silent CPU run.
 - ``sync_batchnorm="auto"``: SyncBatchNorm when training on several CUDA devices (the seed's SyncBN under
   DDP); off on the CPU, where torch has no SyncBatchNorm kernel.
 - ``logger=None``/``True``: a CSV logger and a TensorBoard logger sharing one ``logs/version_N`` folder under
@@ -30,18 +32,9 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
 from seglstm.training.callbacks import AtomicCheckpointIO, StepProgressBar
 from seglstm.training.faults import NonFiniteGuard, ddp_strategy, probe_run_dirs
+from seglstm.utils.device import resolve_precision, wants_cuda
 
-MIXED = ("16-mixed", "bf16-mixed", "16", "bf16", 16, "16-true", "bf16-true")
-
-
-def _wants_cuda(accelerator: Any) -> bool:
-    if isinstance(accelerator, str):
-        if accelerator in ("cuda", "gpu"):
-            return True
-        if accelerator == "auto":
-            return torch.cuda.is_available()
-        return False
-    return type(accelerator).__name__ == "CUDAAccelerator"
+__all__ = ["SegTrainer", "default_loggers", "resolve_precision"]
 
 
 def _device_count(devices: Any) -> int:
@@ -54,21 +47,6 @@ def _device_count(devices: Any) -> int:
             return torch.cuda.device_count()
         return len([d for d in devices.split(",") if d.strip()]) if "," in devices else int(devices)
     return 1
-
-
-def resolve_precision(precision: Any, accelerator: Any = "auto") -> Any:
-    """``auto`` -> bf16-mixed / 16-mixed on CUDA, 32-true elsewhere; mixed precision off CUDA is an error."""
-    cuda = _wants_cuda(accelerator)
-    if precision in (None, "auto"):
-        if not cuda:
-            return "32-true"
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    if precision in MIXED and not cuda:
-        raise ValueError(
-            f"trainer.precision={precision!r} needs a CUDA device (accelerator={accelerator!r}); use 'auto' or "
-            "'32-true' on the CPU"
-        )
-    return precision
 
 
 def default_loggers(root_dir: str) -> list[Logger]:
@@ -110,12 +88,12 @@ class SegTrainer(Trainer):
     ) -> None:
         accelerator = kwargs.get("accelerator", "auto")
         devices = kwargs.get("devices", "auto")
-        n_devices = _device_count(devices) if _wants_cuda(accelerator) or isinstance(devices, int) else 1
+        n_devices = _device_count(devices) if wants_cuda(accelerator) or isinstance(devices, int) else 1
         multi = n_devices * int(kwargs.get("num_nodes", 1) or 1) > 1
         kwargs["strategy"] = ddp_strategy(kwargs.get("strategy", "auto"), ddp_timeout, multi)
         precision = resolve_precision(precision, accelerator)
         if sync_batchnorm == "auto":
-            sync_batchnorm = _wants_cuda(accelerator) and (
+            sync_batchnorm = wants_cuda(accelerator) and (
                 _device_count(kwargs.get("devices", "auto")) * int(kwargs.get("num_nodes", 1) or 1) > 1
             )
         root = kwargs.get("default_root_dir") or os.getcwd()
