@@ -19,12 +19,14 @@ from seglstm.inference.scene import (
     SceneError,
     ScenePredictor,
     compute_scaling,
+    open_input,
     parse_scale,
     plan_strips,
     plan_tiles,
     predict_scene,
     window_weight,
 )
+from seglstm.inference.scene import predictor as predictor_module
 
 CRS = "EPSG:32633"
 TRANSFORM = Affine(0.5, 0.0, 500_000.0, 0.0, -0.5, 4_200_000.0)
@@ -195,11 +197,15 @@ def test_rule_model_gives_the_rule_everywhere_with_nodata_and_georeference(tmp_p
     assert result.strips == (2 if strip_width else 1) and result.tiles == (3 * 5 if not strip_width else 3 * 6)
 
     classes, info = read(out)
-    expected = rule_reference(raw, U3, T4)
-    invalid = (raw == 0).any(axis=0)
+    # GDAL's dataset mask: nodata only where every band is 0; a band that is 0 at a valid pixel has no
+    # value there and reaches the model as its mean
+    fed = np.where(raw == 0, np.asarray(MEAN3)[:, None, None], raw)
+    expected = rule_reference(fed, U3, T4)
+    invalid = (raw == 0).all(axis=0)
     expected[invalid] = NODATA
     np.testing.assert_array_equal(classes[0], expected)
-    assert invalid.sum() > 50 * 160 and len(np.unique(expected[~invalid])) == 4
+    assert invalid.sum() >= 50 * 160 and len(np.unique(expected[~invalid])) == 4
+    assert ((raw == 0).any(axis=0) & ~invalid).sum() > 1000  # pixels the old any-band rule dropped
     assert info["crs"] == rasterio.crs.CRS.from_string(CRS) and info["transform"] == TRANSFORM
     assert info["shape"] == (300, 457) and info["nodata"] == NODATA
     prof = info["profile"]
@@ -244,10 +250,10 @@ def test_non_uint8_inputs_are_scaled_to_the_training_range(tmp_path, rng, dtype)
         raw[1, 50:70, 10:300] = np.nan
         scale, nodata = "range:-0.1,0.5", float("nan")
     src = write_tif(tmp_path / "in.tif", raw, nodata=nodata)
-    valid = np.all(np.isfinite(raw), axis=0)
+    valid = np.any(np.isfinite(raw), axis=0)  # GDAL's dataset mask: nodata only where every band is
     if dtype == "uint16":
         low, high = np.percentile(raw.reshape(3, -1).astype(np.float64), [2, 98], axis=1)
-        with rasterio.open(src) as ds:
+        with open_input(src) as ds:
             got = compute_scaling(ds, [1, 2, 3], parse_scale(scale))
         np.testing.assert_allclose(got, (low, high), rtol=1e-12)
     else:
@@ -255,11 +261,13 @@ def test_non_uint8_inputs_are_scaled_to_the_training_range(tmp_path, rng, dtype)
     scaled = np.clip((raw.astype(np.float64) - low[:, None, None]) / (high - low)[:, None, None] * 255, 0, 255)
     out = tmp_path / "out.tif"
     run(RuleModel(U3, MEAN3, STD3, T4), src, out, MEAN3, STD3, 4, scale=scale, tile=128, overlap=32)
-    expected = rule_reference(np.nan_to_num(scaled), U3, T4)
+    fed = np.where(np.isfinite(scaled), scaled, np.asarray(MEAN3)[:, None, None])  # a NaN band: its mean
+    expected = rule_reference(fed, U3, T4)
     expected[~valid] = NODATA
-    s = np.tensordot(np.asarray(U3, np.float64), np.nan_to_num(scaled), axes=1)
+    s = np.tensordot(np.asarray(U3, np.float64), fed, axes=1)
     clear = np.abs(s[..., None] - np.asarray(T4)).min(-1) > 1e-2  # float32 may round the knife-edge ones
-    assert clear.mean() > 0.99 and (~valid).sum() == (20 * 290 if dtype == "float32" else 0)
+    assert clear.mean() > 0.99 and valid.all()
+    assert (~np.isfinite(raw)).any(axis=0).sum() == (20 * 290 if dtype == "float32" else 0)
     np.testing.assert_array_equal(read(out)[0][0][clear | ~valid], expected[clear | ~valid])
 
 
@@ -441,7 +449,7 @@ def test_resume_after_all_windows_only_assembles(tmp_path, rng, monkeypatch):
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(ScenePredictor, "_assemble", stop)
+        m.setattr(predictor_module, "write_rasters", stop)
         with pytest.raises(KeyboardInterrupt):
             run(RuleModel(U3, MEAN3, STD3, T4), src, out, MEAN3, STD3, 4, **kw)
     assert not out.exists()
