@@ -104,3 +104,32 @@ def window_weight(h: int, w: int, floor: float = 0.1) -> np.ndarray:
         return floor + (1.0 - floor) * np.sin(np.pi * (np.arange(n) + 0.5) / n) ** 2
 
     return np.outer(axis(h), axis(w)).astype(np.float32)
+
+
+def model_patch_size(model: object) -> int | None:
+    """The encoder's patch size (its smallest meaningful window), when it has one."""
+    encoder = getattr(model, "backbone", model)
+    size = getattr(encoder, "patch_size", None)
+    if isinstance(size, (tuple, list)):
+        size = max(size)
+    return int(size) if isinstance(size, int) else None
+
+
+def default_tile(model: object, test_cfg: dict | None) -> tuple[int, int, str]:
+    """``(tile, overlap, why)`` a scene should be cut into for this model: the run config's slide-inference
+    crop and stride when it has them, else the crop the encoder was trained on (its position table),
+    else 1024 with a quarter overlap."""
+    cfg = dict(test_cfg or {})
+    if cfg.get("mode") == "slide" and cfg.get("crop_size"):
+        crop = cfg["crop_size"]
+        tile = int(max(crop) if isinstance(crop, (list, tuple)) else crop)
+        stride = cfg.get("stride") or tile
+        stride = int(max(stride) if isinstance(stride, (list, tuple)) else stride)
+        return tile, max(0, tile - stride), f"the run config's slide inference (crop {tile}, stride {stride})"
+    encoder = getattr(model, "backbone", model)
+    table = getattr(getattr(encoder, "pos_embed", None), "embed", None)
+    patch = model_patch_size(model)
+    if table is not None and patch:
+        tile = int(max(table.shape[1:3])) * patch
+        return tile, tile // 4, f"the model's training crop ({tile} px: {tuple(table.shape[1:3])} patches of {patch})"
+    return 1024, 256, "the default (the model records no training crop)"

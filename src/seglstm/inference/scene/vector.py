@@ -46,12 +46,16 @@ class VectorSpec:
         min_area: drop polygons smaller than this, in squared map units (0 keeps all).
         simplify: coverage-simplification tolerance in map units (0: exact pixel outlines).
         strip_rows: rows polygonised at once (a multiple of 256; default from a 64 MiB budget).
+        batch_vertices: finished polygons are gathered up to about this many vertices before they are
+            simplified and written; edges between batches keep their pixel outline, so larger batches
+            simplify more of the layer (2M vertices: about 100 MiB of geometry).
     """
 
     path: Path
     min_area: float = 0.0
     simplify: float = 0.0
     strip_rows: int | None = None
+    batch_vertices: int = 2_000_000
 
     @property
     def driver(self) -> str:
@@ -146,12 +150,27 @@ def _to_map(batch: list[tuple[int, shapely.Polygon]], transform, spec: VectorSpe
     if not len(geoms):
         return classes, geoms
     if spec.simplify > 0:
-        geoms = shapely.segmentize(geoms, 1.0)  # a vertex at every pixel corner: neighbours share vertices
+        # a vertex at every pixel corner: neighbours (here or in other batches) then share their vertices
+        # along every edge, as coverage simplification needs; edges it keeps retain them
+        geoms = shapely.segmentize(geoms, 1.0)
     a, b, c, d, e, f = transform[:6]
     geoms = shapely.transform(geoms, lambda xy: xy @ np.array([[a, d], [b, e]]) + np.array([c, f]))
     if spec.simplify > 0:
         geoms = np.asarray(shapely.coverage_simplify(geoms, spec.simplify, simplify_boundary=False), dtype=object)
     return classes, geoms
+
+
+def _batches(strips: Iterator[list], vertices: int) -> Iterator[list]:
+    """Gather the strips' finished polygons into batches of about ``vertices`` vertices (the last one
+    possibly empty, so that an empty layer is still written)."""
+    batch, size = [], 0
+    for finished in strips:
+        batch += finished
+        size += sum(shapely.get_num_coordinates(p) for _, p in finished)
+        if size >= vertices:
+            yield batch
+            batch, size = [], 0
+    yield batch
 
 
 @contextlib.contextmanager
@@ -185,7 +204,7 @@ def write_vector(raster: Path, spec: VectorSpec, class_names: Sequence[str], pro
         count, created = 0, False
         with _layer_path(spec.path) as work, warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # OGR's notes on the temporary file name
-            for batch in polygonize_strips(src, rows, progress):
+            for batch in _batches(polygonize_strips(src, rows, progress), spec.batch_vertices):
                 classes, geoms = _to_map(batch, src.transform, spec, pixel_area)
                 if not len(geoms) and created:
                     continue

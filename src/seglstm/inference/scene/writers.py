@@ -112,7 +112,10 @@ def write_rasters(
         dst.update_tags(classes=json.dumps(list(classes)), nodata_class=str(NODATA))
         pdst = None
         if tmp_probs is not None:
-            pdst = stack.enter_context(rasterio.open(tmp_probs, "w", count=num_classes, **profile))
+            # MINISBLACK: GDAL would take 3 or 4 byte bands for RGB(A), the 4th an alpha band (a mask)
+            pdst = stack.enter_context(
+                rasterio.open(tmp_probs, "w", count=num_classes, photometric="MINISBLACK", **profile)
+            )
             georef.apply(pdst)
             for i, name in enumerate(classes):
                 pdst.set_band_description(i + 1, f"P({name}) x 255")
