@@ -156,9 +156,9 @@ def open_input(path: str | os.PathLike, opts: InputOptions = InputOptions()) -> 
     href = os.fspath(path)
     if opts.assets and not is_stac(href):
         raise SceneError(f"--asset/--assets need a STAC item (.json), got input {href}")
-    hrefs = _stac_assets(href, opts.assets) if is_stac(href) else [href]
     if is_stac(href) and not opts.assets:
         raise SceneError(f"input {href} is a STAC item: choose its bands with --asset NAME or --assets A,B,C")
+    hrefs = _stac_assets(href, opts.assets) if is_stac(href) else [href]
     with contextlib.ExitStack() as stack:
         datasets = [stack.enter_context(_open_dataset(h, "input")) for h in hrefs]
         first = datasets[0]
