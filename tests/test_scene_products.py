@@ -297,3 +297,44 @@ def test_cli_tiling_choice_is_printed_and_tiny_tiles_refused(tmp_path, rng, fake
     np.testing.assert_array_equal(read(out)[0][0], rule_reference(raw, U3, T4))
     _, _, geoms = polygons_of(tmp_path / "v.gpkg")
     assert len(geoms) and shapely.area(geoms).min() >= 0.5
+
+
+def test_interrupted_products_leave_nothing_and_resume_completes_them(tmp_path, rng, monkeypatch):
+    from seglstm.inference.scene import predictor as predictor_module
+
+    raw = regions(rng, (300, 260))
+    src = write_tif(tmp_path / "in.tif", raw)
+    out, vec, probs = tmp_path / "c.tif", tmp_path / "c.gpkg", tmp_path / "p.tif"
+    kw = dict(tile=128, overlap=32, cog=True, probs_path=probs, vector=VectorSpec(vec, strip_rows=256))
+    real = predictor_module.write_vector
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(predictor_module, "write_vector", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(RuleModel(U3, MEAN3, STD3, T4), src, out, MEAN3, STD3, 4, **kw)
+    assert not vec.exists() and (tmp_path / ".c.tif.partial" / "progress.json").is_file()
+    monkeypatch.setattr(predictor_module, "write_vector", real)
+    again = RuleModel(U3, MEAN3, STD3, T4)
+    result = run(again, src, out, MEAN3, STD3, 4, resume=True, **kw)
+    assert again.calls == 0 and result.resumed_from_tile == result.tiles  # only the products were redone
+    np.testing.assert_array_equal(read(out)[0][0], rule_reference(raw, U3, T4))
+    assert pyogrio.read_info(vec)["features"] == result.polygons > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.gpkg", "c.tif", "in.tif", "p.tif"]
+
+
+def test_cli_input_options_are_parsed_and_checked():
+    from seglstm.cli.predict_scene import _input_options, build_parser
+
+    parse = build_parser().parse_args
+    opts = _input_options(parse(["in.json", "o.tif", "--ckpt", "m", "--assets", "red, green,blue", "--nodata", "0",
+                                 "--dst-crs", "EPSG:3857", "--resolution", "2"]))
+    assert opts == InputOptions(("red", "green", "blue"), 0.0, "EPSG:3857", (2.0, 2.0))
+    assert _input_options(parse(["i", "o", "--ckpt", "m", "--asset", "visual"])).assets == ("visual",)
+    with pytest.raises(SceneError, match="--asset and --assets"):
+        _input_options(parse(["i", "o", "--ckpt", "m", "--asset", "a", "--assets", "b,c"]))
+    with pytest.raises(SceneError, match="--resolution"):
+        _input_options(parse(["i", "o", "--ckpt", "m", "--resolution", "1", "2", "3"]))
+    with pytest.raises(SystemExit):  # a checkpoint or an ONNX model, exactly one
+        parse(["i", "o", "--ckpt", "m", "--onnx", "m.onnx"])

@@ -14,7 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
         description=(
-            "Export a segmentor for deployment at a fixed tile size with a dynamic batch. ONNX files carry "
+            "Export a segmentor for deployment at a fixed tile size and batch. ONNX files carry "
             "the classes, palette and normalisation, so `seglstm predict-scene --onnx MODEL.onnx` needs "
             "nothing else; .pt2 is torch.export's program format (torch.export.load)."
         ),
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="model config, when the checkpoint does not carry one")
     p.add_argument("--format", default="onnx", choices=["onnx", "pt2"], help="onnx (default) or pt2")
     p.add_argument("--tile", type=int, default=512, help="input side in pixels (default 512)")
+    p.add_argument("--batch", type=int, default=4, help="tiles per run of the exported program (default 4)")
     p.add_argument("--out", default=None, help="output file (default: the checkpoint's name with .onnx/.pt2)")
     p.add_argument("--unsafe-load", action="store_true", help="allow full unpickling of a trusted checkpoint")
     return p
@@ -42,7 +43,7 @@ def main(argv: list[str]) -> int:
         if out.resolve() == Path(args.ckpt).resolve():
             raise ValueError(f"--out {out} would overwrite the checkpoint")
         model, meta = load_segmentor(args.ckpt, args.config, map_location="cpu", unsafe=args.unsafe_load)
-        written = export_segmentor(model, meta, out, tile=args.tile, fmt=args.format)
+        written = export_segmentor(model, meta, out, tile=args.tile, fmt=args.format, batch=args.batch)
     except (ValueError, FileNotFoundError, SegmentorLoadError, CheckpointMismatchError, CheckpointLoadError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2

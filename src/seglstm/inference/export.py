@@ -1,5 +1,5 @@
 """Export a segmentor for deployment: ONNX (run by onnxruntime, e.g. ``predict-scene --onnx``) or a
-``torch.export`` program (``.pt2``), at a fixed tile with a dynamic batch.
+``torch.export`` program (``.pt2``), at a fixed tile and batch.
 
 torch.onnx's exporter has no ONNX function for ``aten.cummax``, which the chunkwise mLSTM's stabiliser
 uses over the chunk axis (``models/mlstm.py``: ``(amax - G).cummax(-1)``); :func:`_cummax` supplies one as a
@@ -41,31 +41,33 @@ def _cummax(x, dim: int):
 
 def export_segmentor(
     model: nn.Module, meta: dict[str, Any], out: str | os.PathLike, *, tile: int, fmt: str = "onnx",
-    batch: int = 2,
+    batch: int = 4,
 ) -> Path:
-    """Write ``model`` for ``tile x tile`` inputs with any batch size; returns the written path."""
+    """Write ``model`` for ``batch x C x tile x tile`` inputs; returns the written path."""
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     patch = model_patch_size(model)
+    if batch < 1:
+        raise ValueError(f"--batch {batch} must be positive")
     if tile < 1 or (patch and tile % patch):
         raise ValueError(f"--tile {tile} must be a positive multiple of the model's patch size {patch}")
     model = model.eval()
     in_chans = len(meta["mean"])
     example = (torch.randn(batch, in_chans, tile, tile),)
-    # AUTO: a dynamic batch where the model allows it (the ViL layer's fused path fixes it today, so its
-    # programs come out with the example's batch; OnnxSegmentor runs any batch through such a file)
-    dynamic = ({0: torch.export.Dim.AUTO},)
+    # A fixed batch: marked dynamic, the ViL segmentor's trace specialises it anyway (torch.export reports
+    # "batch specialized to a constant") and the ONNX file then mixes the traced batch into other sizes.
+    # OnnxSegmentor runs any number of tiles through a fixed-batch file, in chunks.
     facts = {k: meta[k] for k in ("classes", "palette", "mean", "std", "num_classes") if k in meta}
-    facts.update(tile=tile, patch_size=patch, model=meta.get("model"))
+    facts.update(tile=tile, batch=batch, patch_size=patch, model=meta.get("model"))
     out = Path(out)
     with atomic_path(out) as tmp:
         if fmt == "pt2":
-            program = torch.export.export(model, example, dynamic_shapes=dynamic)
+            program = torch.export.export(model, example)
             torch.export.save(program, tmp, extra_files={f"{META_KEY}.json": json.dumps(facts)})
         else:
             program = torch.onnx.export(
                 model, example, dynamo=True, input_names=["image"], output_names=["logits"],
-                dynamic_shapes=dynamic, custom_translation_table={torch.ops.aten.cummax.default: _cummax},
+                custom_translation_table={torch.ops.aten.cummax.default: _cummax},
                 verbose=False,
             )
             program.model.metadata_props[META_KEY] = json.dumps(facts)
