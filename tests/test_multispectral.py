@@ -105,8 +105,8 @@ _base_:
 model:
   model: seglstm_upernet_t
   model_kwargs: {kwargs}
-  warmup_iters: 1
-  max_iters: 4
+  warmup_iters: 2
+  max_iters: 6
 data:
   dataset: folder
   root: {synth4}
@@ -122,8 +122,8 @@ data:
 trainer:
   accelerator: cpu
   devices: 1
-  max_steps: 3
-  val_check_interval: 3
+  max_steps: 4
+  val_check_interval: 4
   num_sanity_val_steps: 0
   enable_progress_bar: false
   enable_model_summary: false
