@@ -205,6 +205,12 @@ def test_gcps_are_copied_instead_of_refused(tmp_path, rng):
     with pytest.raises(SceneError, match=r"--vector .*GCPs only"):
         run(RuleModel(U3, MEAN3, STD3, T4), path, tmp_path / "v.tif", MEAN3, STD3, 4, tile=128, overlap=32,
             vector=tmp_path / "v.gpkg")
+    # as the error says: warped onto a grid (GDAL's GCP transformer), polygons can be written
+    result = run(RuleModel(U3, MEAN3, STD3, T4), path, tmp_path / "w.tif", MEAN3, STD3, 4, tile=128, overlap=32,
+                 vector=tmp_path / "w.gpkg", input_options=InputOptions(dst_crs="EPSG:32632"))
+    with rasterio.open(tmp_path / "w.tif") as ds:
+        assert ds.crs == rasterio.crs.CRS.from_epsg(32632) and not ds.gcps[0]
+    assert result.polygons > 0 and pyogrio.read_info(tmp_path / "w.gpkg")["crs"] == "EPSG:32632"
 
 
 def test_all_nodata_scene_works_under_the_default_scaling(tmp_path):

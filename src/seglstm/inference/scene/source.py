@@ -136,18 +136,25 @@ def is_stac(href: str) -> bool:
     return href.lower().split("?")[0].endswith(".json")
 
 
-def _warp_grid(ds, opts: InputOptions):
-    dst_crs = opts.dst_crs or ds.crs
-    if ds.crs is None:
-        raise SceneError(f"--dst-crs/--resolution: input {ds.name} has no CRS to reproject from")
+def _warp_grid(ds, opts: InputOptions) -> tuple[dict, dict]:
+    """The source georeference (a grid, or GCPs: GDAL warps from those too) and the output grid."""
+    gcps, gcp_crs = ds.gcps
+    src_crs = ds.crs or (gcp_crs if gcps else None)
+    if src_crs is None:
+        raise SceneError(f"--dst-crs/--resolution: input {ds.name} has no CRS or GCPs to reproject from")
     try:
-        dst_crs = rasterio.crs.CRS.from_user_input(dst_crs)
+        dst_crs = rasterio.crs.CRS.from_user_input(opts.dst_crs or src_crs)
     except CRSError as err:
         raise SceneError(f"--dst-crs {opts.dst_crs!r} is not a CRS GDAL knows: {err}") from err
-    transform, width, height = calculate_default_transform(
-        ds.crs, dst_crs, ds.width, ds.height, *ds.bounds, resolution=opts.resolution
-    )
-    return dst_crs, transform, width, height
+    if ds.crs is None:
+        transform, width, height = calculate_default_transform(
+            src_crs, dst_crs, ds.width, ds.height, gcps=gcps, resolution=opts.resolution
+        )
+    else:
+        transform, width, height = calculate_default_transform(
+            src_crs, dst_crs, ds.width, ds.height, *ds.bounds, resolution=opts.resolution
+        )
+    return {"src_crs": src_crs}, {"crs": dst_crs, "transform": transform, "width": width, "height": height}
 
 
 @contextlib.contextmanager
@@ -173,11 +180,12 @@ def open_input(path: str | os.PathLike, opts: InputOptions = InputOptions()) -> 
             "resolution": list(opts.resolution or [])}}
         warp = opts.dst_crs is not None or opts.resolution is not None
         if warp:
-            crs, transform, width, height = _warp_grid(first, opts)
+            source, grid = _warp_grid(first, opts)
             nodata = {} if opts.nodata is None else {"src_nodata": opts.nodata, "nodata": opts.nodata}
             datasets = [
-                stack.enter_context(WarpedVRT(ds, crs=crs, transform=transform, width=width, height=height,
-                                              resampling=Resampling.bilinear, add_alpha=True, **nodata))
+                stack.enter_context(
+                    WarpedVRT(ds, **source, **grid, resampling=Resampling.bilinear, add_alpha=True, **nodata)
+                )
                 for ds in datasets
             ]
         yield SceneInput(datasets, href, identity, opts.nodata, alpha=warp)
