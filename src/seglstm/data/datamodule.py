@@ -129,7 +129,7 @@ class SegDataModule(L.LightningDataModule):
         self.bands = None if bands is None else [int(b) for b in bands]
         self.mean, self.std = self._normalization(mean, std)
         if self.bands is not None and photometric and len(self.bands) < 3:
-            raise ValueError(f"photometric=True needs 3 RGB bands, got bands={bands}; set photometric: false")
+            raise ValueError(f"photometric=True needs 3 bands (RGB), got bands={bands}; set photometric: false")
         self.photometric = photometric
         if test_split not in self.dataset_cls.splits and self.dataset_cls is not SegFolder:
             raise ValueError(f"test_split={test_split!r} is not one of {self.dataset_cls.splits}")
