@@ -26,11 +26,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, write_json
-
-from seglstm.study.measure import machine_info, memory_baseline, peak_memory_mib, run_isolated, time_call
 from scaling import limit_memory
 from scaling import measure as scaling_measure
 from training_throughput import capped_training_speed
+
+from seglstm.study.measure import machine_info, memory_baseline, peak_memory_mib, run_isolated, time_call
 
 NUM_CLASSES = 7
 VARIANTS = {  # name -> (scan_chunk_size, recompute chunks in the backward)

@@ -1,7 +1,8 @@
 """Peak memory of whole-scene inference against scene size: it should follow the tile, batch and buffer,
-not the number of pixels.
+not the number of pixels; and what each product (class raster, COG, polygons) adds, in the same run.
 
     python benchmarks/scene_memory.py [--sides 4096 8192] [--tile 1024] [--overlap 256] [--batch-size 4]
+                                      [--products raster cog vector]
 
 For each side it writes a 3-band uint8 GeoTIFF block row by block row (never whole in memory), then
 segments it with a cheap 1x1-convolution model in a fresh child process and reads the child's peak RSS
@@ -71,19 +72,28 @@ def child_baseline() -> dict[str, Any]:
     return {}
 
 
-def child_predict(src: str, out: str, tile: int, overlap: int, batch_size: int, buffer_mb: float) -> dict[str, Any]:
+def child_predict(
+    src: str, out: str, tile: int, overlap: int, batch_size: int, buffer_mb: float, product: str = "raster"
+) -> dict[str, Any]:
     import torch
 
     from seglstm.inference.scene import predict_scene
+
+    vector = str(Path(out).with_suffix(".gpkg")) if product == "vector" else None
 
     result = predict_scene(
         _cheap_model(), src, out, mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375],
         classes=[f"class{i}" for i in range(NUM_CLASSES)],
         palette=[((40 * i) % 256, (90 * i + 30) % 256, (150 * i + 60) % 256) for i in range(NUM_CLASSES)],
         tile=tile, overlap=overlap, batch_size=batch_size, buffer_mb=buffer_mb, device="cpu", progress=False,
+        cog=product == "cog", vector=vector,
     )  # fmt: skip
-    return {"tiles": result.tiles, "strips": result.strips, "threads": torch.get_num_threads(),
-            "output_bytes": os.path.getsize(out)}
+    answer = {"tiles": result.tiles, "strips": result.strips, "threads": torch.get_num_threads(),
+              "output_bytes": os.path.getsize(out), "polygons": result.polygons if vector else "-"}
+    if vector:
+        answer["vector_bytes"] = os.path.getsize(vector)
+        os.remove(vector)
+    return answer
 
 
 # -------------------------------------------------------------------------------------------- parent
@@ -117,6 +127,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--overlap", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--buffer-mb", type=float, default=512.0)
+    p.add_argument("--products", nargs="+", default=["raster"], choices=["raster", "cog", "vector"],
+                   help="outputs to measure, each in its own child on the same scene (default raster)")
     p.add_argument("--workdir", default=None, help="where scenes go (default: a temporary directory)")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -129,7 +141,8 @@ def main(argv: list[str]) -> int:
         elif kind == "baseline":
             answer = child_baseline()
         else:
-            answer = child_predict(rest[0], rest[1], int(rest[2]), int(rest[3]), int(rest[4]), float(rest[5]))
+            answer = child_predict(rest[0], rest[1], int(rest[2]), int(rest[3]), int(rest[4]), float(rest[5]),
+                                   rest[6])
         print(json.dumps(answer))
         return 0
 
@@ -140,17 +153,22 @@ def main(argv: list[str]) -> int:
             made = run_child(["make", str(side), str(scene)])
             print(f"wrote {side}x{side} scene ({made['bytes'] / 2**20:.0f} MiB) in {made['wall_s']} s", flush=True)
             cfg = [str(v) for v in (args.tile, args.overlap, args.batch_size, args.buffer_mb)]
-            row = run_child(["predict", str(scene), str(out), *cfg])
-            row.update(side=side, pixels=side * side, mpix_per_s=round(side * side / 1e6 / row["wall_s"], 2))
-            rows.append(row)
-            print(f"segmented {side}x{side}: {row['wall_s']} s, peak RSS {row['peak_rss_mib']} MiB", flush=True)
+            for product in args.products:
+                row = run_child(["predict", str(scene), str(out), *cfg, product])
+                row.update(side=side, product=product, pixels=side * side,
+                           mpix_per_s=round(side * side / 1e6 / row["wall_s"], 2))
+                rows.append(row)
+                print(f"segmented {side}x{side} ({product}): {row['wall_s']} s, peak RSS {row['peak_rss_mib']} MiB",
+                      flush=True)
+                out.unlink()
             scene.unlink()
-            out.unlink()
     base = rows[0]["peak_rss_mib"]
     for row in rows[1:]:
         row["over_baseline_mib"] = round(row["peak_rss_mib"] - base, 1)
-    text = table(rows, ["side", "pixels", "tiles", "strips", "wall_s", "mpix_per_s", "peak_rss_mib",
-                        "over_baseline_mib"])  # fmt: skip
+    text = table(rows, ["side", "product", "pixels", "tiles", "strips", "polygons", "wall_s", "mpix_per_s",
+                        "peak_rss_mib", "over_baseline_mib"])  # fmt: skip
+    load = os.getloadavg()
+    text += f"\nload average (1, 5, 15 min) at the end: {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f}"
     print(text)
 
     import torch  # only now: see the module docstring
@@ -160,7 +178,9 @@ def main(argv: list[str]) -> int:
     payload = {
         "benchmark": "scene_memory",
         "config": {"tile": args.tile, "overlap": args.overlap, "batch_size": args.batch_size,
-                   "buffer_mb": args.buffer_mb, "model": f"1x1 conv 3-16-{NUM_CLASSES}", "device": "cpu"},
+                   "buffer_mb": args.buffer_mb, "model": f"1x1 conv 3-16-{NUM_CLASSES}", "device": "cpu",
+                   "products": args.products},
+        "load_average": list(load),
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cores": os.cpu_count(),
                     "cpu": platform.processor() or platform.machine()},
         "rows": rows,

@@ -287,10 +287,40 @@ def test_photometric_keeps_mask_and_checks_input(rng: np.random.Generator) -> No
     # bilinear resizing overshoots 255 by float error: accepted and clipped, not an error
     edge = {"image": torch.full((3, 4, 4), 255.00002), "path": "x.png"}
     assert PhotoMetricDistortion()(edge, gen(1))["image"].max() <= 255
-    with pytest.raises(DataError, match=r"x\.png: .*3-channel"):
-        PhotoMetricDistortion()({"image": torch.zeros(4, 2, 2), "path": "x.png"})
+    with pytest.raises(DataError, match=r"x\.png: .*bands \[0, 1, 2\] \(rgb_bands\) but the image has 2"):
+        PhotoMetricDistortion()({"image": torch.zeros(2, 2, 2), "path": "x.png"})
     with pytest.raises(DataError, match=r"x\.png: .*0\.\.255, got 4000\.\.4000"):
         PhotoMetricDistortion()({"image": torch.full((3, 2, 2), 4000.0), "path": "x.png"})
+
+
+@pytest.mark.parametrize("rgb_bands", [(0, 1, 2), (3, 1, 0)])
+def test_photometric_on_multiband_distorts_only_the_rgb_bands(rng: np.random.Generator, rgb_bands) -> None:
+    """A 5-band image (say R, G, B, NIR, elevation): the RGB bands get exactly the 3-band distortion with the
+    same draws, every other band (elevation far outside 0..255 included) is untouched."""
+    bands = torch.from_numpy(rng.integers(0, 256, (5, 12, 10)).astype(np.float32))
+    bands[4] = torch.from_numpy(rng.uniform(-50, 3000, (12, 10)).astype(np.float32))
+    if 4 in rgb_bands:
+        pytest.skip("elevation is never an RGB band here")
+    sample = {"image": bands, "mask": torch.zeros(12, 10, dtype=torch.uint8), "path": "x.tif"}
+    for seed in range(6):
+        out = PhotoMetricDistortion(rgb_bands=rgb_bands)(sample, gen(seed))["image"]
+        alone = PhotoMetricDistortion()({"image": bands[list(rgb_bands)].clone(), "path": "x.tif"}, gen(seed))["image"]
+        torch.testing.assert_close(out[list(rgb_bands)], alone, rtol=0, atol=0)
+        rest = [b for b in range(5) if b not in rgb_bands]
+        assert torch.equal(out[rest], bands[rest])
+    with pytest.raises(ValueError, match="rgb_bands"):
+        PhotoMetricDistortion(rgb_bands=(0, 0, 1))
+
+
+def test_geometric_pipeline_keeps_every_band_aligned(rng: np.random.Generator) -> None:
+    """Resize / crop / flip move all bands together: bands that are copies of one another stay copies."""
+    base = blocky_sample(rng, 160, 200)
+    image = base["image"][:1].repeat(4, 1, 1)
+    pipe = train_transforms(crop_size=(96, 96), scale=(400, 100), photometric=False, mean=[0] * 4, std=[1] * 4)
+    out = pipe({**base, "image": image}, gen(7))
+    assert out["image"].shape == (4, 96, 96)
+    for b in range(1, 4):
+        assert torch.equal(out["image"][b], out["image"][0])
 
 
 # ---------------------------------------------------------------------------------------- pipelines

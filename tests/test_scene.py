@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-from affine import Affine
 from PIL import Image
 from torch import nn
 
@@ -19,106 +18,29 @@ from seglstm.inference.scene import (
     SceneError,
     ScenePredictor,
     compute_scaling,
+    open_input,
     parse_scale,
     plan_strips,
     plan_tiles,
-    predict_scene,
     window_weight,
 )
-
-CRS = "EPSG:32633"
-TRANSFORM = Affine(0.5, 0.0, 500_000.0, 0.0, -0.5, 4_200_000.0)
-
-
-def write_tif(path: Path, data: np.ndarray, *, crs=CRS, nodata=None, mask=None) -> Path:
-    count, height, width = data.shape
-    profile = dict(driver="GTiff", height=height, width=width, count=count, dtype=data.dtype.name)
-    # MINISBLACK: GDAL would otherwise declare the 4th of 4 byte bands an alpha band, i.e. a mask
-    profile.update(transform=TRANSFORM, nodata=nodata, tiled=True, blockxsize=128, blockysize=128,
-                   photometric="MINISBLACK")
-    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(path, "w", crs=crs, **profile) as dst:
-        dst.write(data)
-        if mask is not None:
-            dst.write_mask(np.where(mask, 255, 0).astype(np.uint8))
-    return path
-
-
-def read(path: Path) -> tuple[np.ndarray, dict]:
-    with rasterio.open(path) as src:
-        info = {"crs": src.crs, "transform": src.transform, "shape": (src.height, src.width),
-                "nodata": src.nodata, "profile": src.profile}
-        if src.count == 1:
-            info["colormap"] = src.colormap(1)
-        return src.read(), info
-
-
-class RuleModel(nn.Module):
-    """Class = number of ``thresholds`` below ``s = sum_b u_b * raw_b``, as two 1x1 convolutions.
-
-    ``raw`` is recovered from the normalised input with ``mean``/``std``, and the logits
-    ``k * s - sum_{j<=k} t_j`` peak at that class (their steps are ``s - t_k``).
-    """
-
-    def __init__(self, u, mean, std, thresholds, interrupt_after: int | None = None) -> None:
-        super().__init__()
-        u, mean, std = (torch.tensor(v, dtype=torch.float64) for v in (u, mean, std))
-        self.score = nn.Conv2d(len(u), 1, 1)
-        self.head = nn.Conv2d(1, len(thresholds) + 1, 1)
-        with torch.no_grad():
-            self.score.weight.copy_((u * std).view(1, -1, 1, 1))
-            self.score.bias.copy_((u * mean).sum().view(1))
-            self.head.weight.copy_(torch.arange(len(thresholds) + 1.0).view(-1, 1, 1, 1))
-            self.head.bias.copy_(-torch.cat([torch.zeros(1), torch.tensor(thresholds).cumsum(0)]))
-        self.calls, self.interrupt_after = 0, interrupt_after
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.interrupt_after is not None and self.calls >= self.interrupt_after:
-            raise KeyboardInterrupt
-        self.calls += 1
-        return self.head(self.score(x))
-
-
-def rule_reference(raw: np.ndarray, u, thresholds) -> np.ndarray:
-    s = np.tensordot(np.asarray(u, np.float64), raw.astype(np.float64), axes=1)
-    return np.digitize(s, thresholds).astype(np.uint8)
-
-
-class ConstModel(nn.Module):
-    def __init__(self, logits) -> None:
-        super().__init__()
-        self.register_buffer("logits", torch.tensor(logits, dtype=torch.float32))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = x.shape
-        return self.logits.view(1, -1, 1, 1).expand(b, -1, h, w)
-
-
-class TileMeanModel(nn.Module):
-    """Logits ``a_k * m + b_k`` with ``m`` the window's mean input: every window disagrees with its
-    neighbours, so the output is exactly the blend of the windows, which a reference can recompute."""
-
-    def __init__(self, a, b) -> None:
-        super().__init__()
-        self.register_buffer("a", torch.tensor(a, dtype=torch.float32))
-        self.register_buffer("b", torch.tensor(b, dtype=torch.float32))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = x.mean(dim=(1, 2, 3))
-        logits = m[:, None] * self.a + self.b
-        return logits[:, :, None, None].expand(-1, -1, x.shape[2], x.shape[3])
-
-
-def palette(k: int) -> list[tuple[int, int, int]]:
-    return [((37 * i) % 256, (91 * i + 40) % 256, (53 * i + 200) % 256) for i in range(k)]
-
-
-MEAN3, STD3 = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
-U3, T4 = [1, 2, 1], [255.5, 510.5, 765.5]  # s in 0..1020, 4 classes
-
-
-def run(model, src, out, mean, std, k, **kw):
-    return predict_scene(model, src, out, mean=mean, std=std, classes=[f"c{i}" for i in range(k)],
-                         palette=palette(k), progress=False, **kw)
+from seglstm.inference.scene import predictor as predictor_module
+from tests.scene_helpers import (
+    CRS,
+    MEAN3,
+    STD3,
+    T4,
+    TRANSFORM,
+    U3,
+    ConstModel,
+    RuleModel,
+    TileMeanModel,
+    palette,
+    read,
+    rule_reference,
+    run,
+    write_tif,
+)
 
 
 @pytest.fixture
@@ -195,11 +117,15 @@ def test_rule_model_gives_the_rule_everywhere_with_nodata_and_georeference(tmp_p
     assert result.strips == (2 if strip_width else 1) and result.tiles == (3 * 5 if not strip_width else 3 * 6)
 
     classes, info = read(out)
-    expected = rule_reference(raw, U3, T4)
-    invalid = (raw == 0).any(axis=0)
+    # GDAL's dataset mask: nodata only where every band is 0; a band that is 0 at a valid pixel has no
+    # value there and reaches the model as its mean
+    fed = np.where(raw == 0, np.asarray(MEAN3)[:, None, None], raw)
+    expected = rule_reference(fed, U3, T4)
+    invalid = (raw == 0).all(axis=0)
     expected[invalid] = NODATA
     np.testing.assert_array_equal(classes[0], expected)
-    assert invalid.sum() > 50 * 160 and len(np.unique(expected[~invalid])) == 4
+    assert invalid.sum() >= 50 * 160 and len(np.unique(expected[~invalid])) == 4
+    assert ((raw == 0).any(axis=0) & ~invalid).sum() > 1000  # pixels the old any-band rule dropped
     assert info["crs"] == rasterio.crs.CRS.from_string(CRS) and info["transform"] == TRANSFORM
     assert info["shape"] == (300, 457) and info["nodata"] == NODATA
     prof = info["profile"]
@@ -244,10 +170,10 @@ def test_non_uint8_inputs_are_scaled_to_the_training_range(tmp_path, rng, dtype)
         raw[1, 50:70, 10:300] = np.nan
         scale, nodata = "range:-0.1,0.5", float("nan")
     src = write_tif(tmp_path / "in.tif", raw, nodata=nodata)
-    valid = np.all(np.isfinite(raw), axis=0)
+    valid = np.any(np.isfinite(raw), axis=0)  # GDAL's dataset mask: nodata only where every band is
     if dtype == "uint16":
         low, high = np.percentile(raw.reshape(3, -1).astype(np.float64), [2, 98], axis=1)
-        with rasterio.open(src) as ds:
+        with open_input(src) as ds:
             got = compute_scaling(ds, [1, 2, 3], parse_scale(scale))
         np.testing.assert_allclose(got, (low, high), rtol=1e-12)
     else:
@@ -255,11 +181,13 @@ def test_non_uint8_inputs_are_scaled_to_the_training_range(tmp_path, rng, dtype)
     scaled = np.clip((raw.astype(np.float64) - low[:, None, None]) / (high - low)[:, None, None] * 255, 0, 255)
     out = tmp_path / "out.tif"
     run(RuleModel(U3, MEAN3, STD3, T4), src, out, MEAN3, STD3, 4, scale=scale, tile=128, overlap=32)
-    expected = rule_reference(np.nan_to_num(scaled), U3, T4)
+    fed = np.where(np.isfinite(scaled), scaled, np.asarray(MEAN3)[:, None, None])  # a NaN band: its mean
+    expected = rule_reference(fed, U3, T4)
     expected[~valid] = NODATA
-    s = np.tensordot(np.asarray(U3, np.float64), np.nan_to_num(scaled), axes=1)
+    s = np.tensordot(np.asarray(U3, np.float64), fed, axes=1)
     clear = np.abs(s[..., None] - np.asarray(T4)).min(-1) > 1e-2  # float32 may round the knife-edge ones
-    assert clear.mean() > 0.99 and (~valid).sum() == (20 * 290 if dtype == "float32" else 0)
+    assert clear.mean() > 0.99 and valid.all()
+    assert (~np.isfinite(raw)).any(axis=0).sum() == (20 * 290 if dtype == "float32" else 0)
     np.testing.assert_array_equal(read(out)[0][0][clear | ~valid], expected[clear | ~valid])
 
 
@@ -441,7 +369,7 @@ def test_resume_after_all_windows_only_assembles(tmp_path, rng, monkeypatch):
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(ScenePredictor, "_assemble", stop)
+        m.setattr(predictor_module, "write_rasters", stop)
         with pytest.raises(KeyboardInterrupt):
             run(RuleModel(U3, MEAN3, STD3, T4), src, out, MEAN3, STD3, 4, **kw)
     assert not out.exists()

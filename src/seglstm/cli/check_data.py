@@ -23,6 +23,11 @@ def _parser() -> argparse.ArgumentParser:
         "predict_root)",
     )
     p.add_argument("--workers", type=int, default=0, help="loader processes (default 0)")
+    p.add_argument(
+        "--stats",
+        action="store_true",
+        help="print the per-band mean/std of the train split (or --split) as data.mean/data.std config lines",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -48,15 +53,19 @@ def data_init_args(config: Path) -> dict[str, Any]:
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     from seglstm.data import SegDataModule
-    from seglstm.data.check import check_dataset
+    from seglstm.data.check import band_statistics, check_dataset, statistics_yaml
     from seglstm.data.io import DataError, DatasetNotFoundError
 
     try:
-        module = SegDataModule(**data_init_args(args.config))
+        init = data_init_args(args.config)
+        if args.stats and init.get("mean") is None and init.get("bands"):
+            # the statistics are what the config lacks: read raw values with a neutral normalisation
+            init.update(mean=[0.0] * len(init["bands"]), std=[1.0] * len(init["bands"]))
+        module = SegDataModule(**init)
     except (ValueError, TypeError, DataError, DatasetNotFoundError) as err:  # ConfigError is a ValueError
         print(f"seglstm check-data: {args.config}: {err}", file=sys.stderr)
         return 1
-    splits = args.split or list(dict.fromkeys(["train", "val", module.test_split]))
+    splits = args.split or (["train"] if args.stats else list(dict.fromkeys(["train", "val", module.test_split])))
     problems: list[str] = []
     for split in splits:
         if split == "predict":
@@ -70,6 +79,8 @@ def main(argv: list[str]) -> int:
         report = check_dataset(dataset, num_workers=args.workers, progress=not args.quiet)
         print(report.table())
         problems += report.problems
+        if args.stats and report.band_mean:
+            print(f"\n# per-band normalisation of {split} ({report.checked} images)\n" + statistics_yaml(band_statistics(report)))
     if problems:
         print(f"\n{len(problems)} problem(s):", file=sys.stderr)
         for problem in problems:

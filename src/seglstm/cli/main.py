@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "test": ("seglstm.cli.lightning", "evaluate on the test split, write metrics, confusion matrix, overlays"),
     "predict": ("seglstm.cli.lightning", "segment a folder of images"),
     "predict-scene": ("seglstm.cli.predict_scene", "segment a whole GeoTIFF scene into a georeferenced mask"),
+    "export": ("seglstm.cli.export", "export a checkpoint to ONNX (or torch.export .pt2) at a fixed tile"),
     "synth": ("seglstm.cli.synth", "generate the built-in synthetic LoveDA-like dataset"),
     "convert": ("seglstm.cli.convert", "convert official ISPRS Potsdam/Vaihingen tiles to mmseg's layout"),
     "check-data": ("seglstm.cli.check_data", "validate a dataset and print a per-class pixel histogram"),

@@ -1,36 +1,57 @@
-"""``seglstm predict-scene``: segment a whole GeoTIFF scene into a georeferenced class raster."""
+"""``seglstm predict-scene``: segment a whole scene into a georeferenced class raster, COG and polygons."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from pathlib import Path
 
-from seglstm.inference.scene import SceneError, ScenePredictor, parse_bands, parse_scale
+from seglstm.inference.scene import (
+    InputOptions,
+    SceneError,
+    ScenePredictor,
+    VectorSpec,
+    parse_bands,
+    parse_scale,
+)
+from seglstm.inference.scene.plan import default_tile, model_patch_size
 from seglstm.utils.io import CheckpointLoadError
 
 PROG = "seglstm predict-scene"
+log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
         description=(
-            "Segment a GeoTIFF of any size with tiled, overlap-blended sliding-window inference. Memory is "
+            "Segment a raster of any size with tiled, overlap-blended sliding-window inference. Memory is "
             "bounded by the tile, batch and --buffer-mb, not by the scene. The output is a tiled, "
-            "deflate-compressed uint8 GeoTIFF of class indices (nodata 255) with the input's CRS and "
-            "transform and a colour table from the palette."
+            "deflate-compressed uint8 GeoTIFF (or COG) of class indices (nodata 255) with the input's CRS "
+            "and transform (or GCPs) and a colour table from the palette; polygons optionally."
         ),
     )
-    p.add_argument("input", help="input raster (GeoTIFF or anything GDAL reads)")
+    p.add_argument(
+        "input",
+        help="input raster: a file, an http(s):// or s3:// URL, a /vsi* path, or a STAC item (.json, with "
+        "--asset/--assets)",
+    )
     p.add_argument("output", help="output class GeoTIFF")
-    p.add_argument("--ckpt", required=True, help="segmentor checkpoint")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--ckpt", help="segmentor checkpoint")
+    model.add_argument("--onnx", help="an ONNX model written by `seglstm export` (run with onnxruntime)")
     p.add_argument("--config", default=None, help="model config, when the checkpoint does not carry one")
     p.add_argument("--bands", default=None, help="1-based bands fed to the model, e.g. 3,2,1 (default: 1..C)")
-    p.add_argument("--tile", type=int, default=1024, help="window side in pixels (default 1024)")
+    p.add_argument("--asset", default=None, help="STAC input: the asset to read (all its bands)")
+    p.add_argument("--assets", default=None, help="STAC input: assets stacked in this order, e.g. red,green,blue")
     p.add_argument(
-        "--overlap", type=int, default=None, help="overlap between windows in pixels (default tile / 4: 256)"
+        "--tile",
+        type=int,
+        default=None,
+        help="window side in pixels (default: the run config's slide crop, else the model's training crop)",
     )
+    p.add_argument("--overlap", type=int, default=None, help="overlap between windows in pixels (default tile / 4)")
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--no-amp", action="store_true", help="run CUDA in float32 instead of autocast")
@@ -42,9 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
             "read), range:LO,HI, none, or auto = none for uint8 and percentile:2,98 otherwise"
         ),
     )
+    p.add_argument("--nodata", type=float, default=None, help="treat this value as nodata (overrides the file's)")
+    p.add_argument("--dst-crs", default=None, help="reproject on the fly to this CRS (e.g. EPSG:3857)")
+    p.add_argument(
+        "--resolution", type=float, nargs="+", default=None, metavar="RES", help="output pixel size (X [Y])"
+    )
     p.add_argument("--probs", default=None, help="also write per-class probabilities (uint8 0..255) here")
     p.add_argument("--preview", default=None, help="also write a colour-coded PNG preview here")
     p.add_argument("--preview-size", type=int, default=1024, help="longest preview side (default 1024)")
+    p.add_argument("--cog", action="store_true", help="write the class raster and probabilities as COGs")
+    p.add_argument("--vector", default=None, help="also write class polygons (.gpkg, .geojson, .parquet)")
+    p.add_argument("--min-area", type=float, default=0.0, help="drop polygons below this area (map units^2)")
+    p.add_argument(
+        "--simplify", type=float, default=0.0, help="topology-preserving simplification tolerance (map units)"
+    )
     p.add_argument(
         "--buffer-mb",
         type=float,
@@ -52,10 +84,57 @@ def build_parser() -> argparse.ArgumentParser:
         help="blending buffer budget in MiB; sets the strip width (default 512)",
     )
     p.add_argument("--resume", action="store_true", help="continue an interrupted run of the same command")
-    p.add_argument("--allow-no-crs", action="store_true", help="accept an input without a CRS")
+    p.add_argument("--allow-no-crs", action="store_true", help="accept an input with neither a CRS nor GCPs")
     p.add_argument("--unsafe-load", action="store_true", help="allow full unpickling of a trusted checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
+
+
+def _input_options(args: argparse.Namespace) -> InputOptions:
+    if args.asset and args.assets:
+        raise SceneError("--asset and --assets exclude each other")
+    assets = [args.asset] if args.asset else [a.strip() for a in (args.assets or "").split(",") if a.strip()]
+    resolution = None
+    if args.resolution is not None:
+        if len(args.resolution) > 2 or any(r <= 0 for r in args.resolution):
+            raise SceneError(f"--resolution {args.resolution}: expected one or two positive pixel sizes")
+        resolution = (args.resolution[0], args.resolution[-1])
+    return InputOptions(tuple(assets) or None, args.nodata, args.dst_crs, resolution)
+
+
+def _load(args: argparse.Namespace):
+    """The model and what inference needs to know about it, from a checkpoint or an ONNX file."""
+    if args.onnx:
+        from seglstm.inference.scene.onnx import OnnxSegmentor
+
+        model = OnnxSegmentor(args.onnx)
+        return model, model.meta
+    from seglstm.inference.loading import load_segmentor
+
+    model, meta = load_segmentor(args.ckpt, args.config, map_location="cpu", unsafe=args.unsafe_load)
+    if meta["num_classes"] != len(meta["palette"]):
+        raise SceneError(
+            f"--ckpt {args.ckpt}: the model has {meta['num_classes']} classes but its palette has "
+            f"{len(meta['palette'])} colours"
+        )
+    return model, meta
+
+
+def _tiling(args: argparse.Namespace, model, meta: dict) -> tuple[int, int]:
+    patch = meta.get("patch_size") or model_patch_size(model)
+    if args.tile is not None and patch and args.tile < patch:
+        raise SceneError(f"--tile {args.tile} is below the model's patch size {patch}; use --tile >= {patch}")
+    if meta.get("tile"):  # an exported model runs one fixed tile
+        if args.tile not in (None, meta["tile"]):
+            raise SceneError(f"--tile {args.tile}: {args.onnx} was exported for tiles of {meta['tile']}")
+        tile, overlap, why = meta["tile"], meta["tile"] // 4, "the tile it was exported for"
+    elif args.tile is None:
+        tile, overlap, why = default_tile(model, meta.get("test_cfg"))
+    else:
+        tile, overlap, why = args.tile, args.tile // 4, "--tile"
+    overlap = overlap if args.overlap is None else args.overlap
+    log.info("tile %d, overlap %d: %s", tile, overlap, why)
+    return tile, overlap
 
 
 def main(argv: list[str]) -> int:
@@ -63,26 +142,29 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"{PROG}: %(message)s")
     # imported here: the loader pulls in every model and the training stack, which --help does not need
-    from seglstm.inference.loading import SegmentorLoadError, load_segmentor
+    from seglstm.inference.loading import SegmentorLoadError
     from seglstm.models.checkpoint import CheckpointMismatchError
 
     try:
         bands = None if args.bands is None else parse_bands(args.bands)
         scale = parse_scale(args.scale)
-        model, meta = load_segmentor(args.ckpt, args.config, map_location="cpu", unsafe=args.unsafe_load)
-        if meta["num_classes"] != len(meta["palette"]):
-            raise SceneError(
-                f"--ckpt {args.ckpt}: the model has {meta['num_classes']} classes but its palette has "
-                f"{len(meta['palette'])} colours"
-            )
+        options = _input_options(args)
+        vector = None
+        if args.vector is not None:
+            vector = VectorSpec(Path(args.vector), args.min_area, args.simplify)
+            vector.check()
+        elif args.min_area or args.simplify:
+            raise SceneError("--min-area and --simplify apply to polygons: add --vector OUT.gpkg")
+        model, meta = _load(args)
+        tile, overlap = _tiling(args, model, meta)
         predictor = ScenePredictor(
             model,
             meta["mean"],
             meta["std"],
             meta["classes"],
             meta["palette"],
-            tile=args.tile,
-            overlap=args.tile // 4 if args.overlap is None else args.overlap,
+            tile=tile,
+            overlap=overlap,
             batch_size=args.batch_size,
             device=args.device,
             amp=not args.no_amp,
@@ -99,6 +181,9 @@ def main(argv: list[str]) -> int:
             preview_size=args.preview_size,
             resume=args.resume,
             allow_no_crs=args.allow_no_crs,
+            cog=args.cog,
+            vector=vector,
+            input_options=options,
         )
     except (
         SceneError,
@@ -116,14 +201,15 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 130
-    written = [str(p) for p in (result.output, result.probs, result.preview) if p is not None]
-    logging.getLogger(__name__).info(
-        "%dx%d scene, %d tiles in %d strip(s), %.1f s -> %s",
+    written = [str(p) for p in (result.output, result.probs, result.preview, result.vector) if p is not None]
+    log.info(
+        "%dx%d scene, %d tiles in %d strip(s), %.1f s -> %s%s",
         result.height,
         result.width,
         result.tiles,
         result.strips,
         result.seconds,
         ", ".join(written),
+        f" ({result.polygons} polygons)" if result.vector else "",
     )
     return 0

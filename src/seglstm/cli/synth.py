@@ -24,6 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--grid", type=Path, help="also save a PNG grid of 3 urban and 3 rural scenes (image | mask overlay)"
     )
+    p.add_argument("--bands", type=int, default=3, help="3 (RGB PNG) or 4 (RGB + near-infrared TIFF, folder dataset)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -43,7 +44,7 @@ def main(argv: list[str]) -> int:
         if args.out is not None:
             root = generate(
                 args.out, args.train, args.val, args.test, size=args.size, seed=args.seed, workers=args.workers,
-                overwrite=args.overwrite, progress=not args.quiet,
+                overwrite=args.overwrite, progress=not args.quiet, bands=args.bands,
             )  # fmt: skip
             print(f"synthetic dataset ready at {root} (train {args.train}, val {args.val}, test {args.test})")
         if args.grid is not None:

@@ -203,3 +203,19 @@ def scan_dataset(dataset: SegDataset, num_workers: int = 0, progress: bool = Tru
     loader = DataLoader(_Scan(dataset), batch_size=None, num_workers=num_workers, collate_fn=_unbatched)
     found = tqdm(loader, total=len(dataset), desc=f"scan {dataset.split}", disable=not progress, leave=False)
     return [problem for problem in found if problem is not None]
+
+
+def band_statistics(report: DataReport) -> dict[str, list[float]]:
+    """Per-band ``mean`` / ``std`` of a checked split (raw values over every pixel), rounded for a config:
+    the per-band normalisation a multispectral dataset needs in ``data.mean`` / ``data.std``."""
+    if not report.band_mean:
+        raise DataError(f"{report.name} {report.split}: no readable image to take band statistics from")
+    return {
+        "mean": [round(float(m), 3) for m in report.band_mean],
+        "std": [round(max(float(s), 1e-3), 3) for s in report.band_std],
+    }
+
+
+def statistics_yaml(stats: dict[str, list[float]]) -> str:
+    """The ``data:`` lines to paste into a training config."""
+    return "data:\n" + "".join(f"  {key}: [{', '.join(f'{v:g}' for v in stats[key])}]\n" for key in ("mean", "std"))

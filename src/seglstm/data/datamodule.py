@@ -58,7 +58,7 @@ class SegDataModule(L.LightningDataModule):
         seed: seed of shuffling and augmentation.
         max_pixels: decompression-bomb cap per file (``None`` disables it).
         test_split: split used by ``test`` (the seed tests on ``val``; LoveDA's ``test`` has no masks).
-        photometric: use PhotoMetricDistortion (needs 3-band 8-bit images).
+        photometric: use PhotoMetricDistortion on the first three bands (8-bit RGB; other bands untouched).
         flip_prob: horizontal flip probability.
         img_suffix, ann_suffix: file-name endings for ``potsdam``/``vaihingen``/``folder`` (default ``.png``).
     """
@@ -128,8 +128,8 @@ class SegDataModule(L.LightningDataModule):
         )
         self.bands = None if bands is None else [int(b) for b in bands]
         self.mean, self.std = self._normalization(mean, std)
-        if self.bands is not None and photometric and len(self.bands) != 3:
-            raise ValueError(f"photometric=True needs 3 bands, got bands={bands}; set photometric: false")
+        if self.bands is not None and photometric and len(self.bands) < 3:
+            raise ValueError(f"photometric=True needs 3 bands (RGB), got bands={bands}; set photometric: false")
         self.photometric = photometric
         if test_split not in self.dataset_cls.splits and self.dataset_cls is not SegFolder:
             raise ValueError(f"test_split={test_split!r} is not one of {self.dataset_cls.splits}")

@@ -22,9 +22,11 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import yaml
 from PIL import Image, ImageDraw, ImageFilter
 
 from seglstm.data.io import write_png, write_text
+from seglstm.utils.io import atomic_path
 
 GENERATOR_VERSION = 1
 PIXEL_SCALE = 1.25
@@ -748,22 +750,45 @@ def _stem(split: str, index: int) -> str:
     return f"{split}_{index:05d}"
 
 
-def _write_one(args: tuple[Path, int, str, int, int]) -> tuple[str, str, str]:
-    out, seed, split, index, size = args
+# Mean near-infrared reflectance (0..255) per LoveDA value: vegetation bright, water dark (as in RGBIR
+# imagery), so a 4th band carries information the RGB bands blur.
+_NIR_LEVEL = np.array([0, 110, 90, 70, 20, 120, 220, 190], np.float64)
+CLASSES = ("no-data", "background", "building", "road", "water", "barren", "forest", "agricultural")
+
+
+def near_infrared(rgb: np.ndarray, lab: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A near-infrared band for a rendered scene: a per-class level, the scene's brightness texture and
+    noise (uint8 H x W)."""
+    brightness = rgb.astype(np.float64).mean(axis=2)
+    nir = 0.7 * _NIR_LEVEL[lab] + 0.3 * brightness + rng.normal(0, 6, lab.shape)
+    return np.clip(np.rint(nir), 0, 255).astype(np.uint8)
+
+
+def _write_one(args: tuple[Path, int, str, int, int, int]) -> tuple[str, str, str]:
+    out, seed, split, index, size, bands = args
     rgb, lab, domain = render_scene(seed, split, index, size)
     stem = _stem(split, index)
-    write_png(out / "img_dir" / split / f"{stem}.png", rgb, compress_level=_PNG_LEVEL)
+    if bands == 3:
+        write_png(out / "img_dir" / split / f"{stem}.png", rgb, compress_level=_PNG_LEVEL)
+    else:  # RGB + NIR as a 4-band TIFF (PNG would make the 4th band alpha)
+        import tifffile
+
+        nir = near_infrared(rgb, lab, np.random.default_rng([seed, SPLIT_IDS[split], index, 4]))
+        path = out / "img_dir" / split / f"{stem}.tif"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            tifffile.imwrite(tmp, np.dstack([rgb, nir]), photometric="minisblack", planarconfig="contig", compression="zlib")
     if split != "test":
         write_png(out / "ann_dir" / split / f"{stem}.png", lab, compress_level=_PNG_LEVEL)
     return split, stem, domain
 
 
 def _jobs(
-    out: Path, counts: dict[str, int], seed: int, size: int
-) -> Iterator[tuple[Path, int, str, int, int]]:
+    out: Path, counts: dict[str, int], seed: int, size: int, bands: int
+) -> Iterator[tuple[Path, int, str, int, int, int]]:
     for split, count in counts.items():
         for i in range(count):
-            yield out, seed, split, i, size
+            yield out, seed, split, i, size, bands
 
 
 def generate(
@@ -776,8 +801,12 @@ def generate(
     workers: int = 1,
     overwrite: bool = False,
     progress: bool = True,
+    bands: int = 3,
 ) -> Path:
     """Write a synthetic LoveDA-like dataset in mmseg's layout and return its root.
+
+    ``bands=4`` adds a near-infrared band (:func:`near_infrared`): images become 4-band TIFFs and a
+    ``classes.yaml`` makes the root a ``folder`` dataset (``img_suffix: .tif``), for multispectral runs.
 
     Layout: ``img_dir/{train,val,test}`` (RGB PNG), ``ann_dir/{train,val}`` (LoveDA values 0-7) and
     ``meta.json`` (seed, counts, size, generator version, per-file urban/rural domain), written last.
@@ -796,6 +825,8 @@ def generate(
         raise ValueError(f"size must be at least 32 pixels, got {size}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if bands not in (3, 4):
+        raise ValueError(f"bands must be 3 (RGB) or 4 (RGB + near-infrared), got {bands}")
     out = Path(out)
     counts = {k: v for k, v in (("train", n_train), ("val", n_val), ("test", n_test)) if v > 0}
     settings = {
@@ -804,6 +835,7 @@ def generate(
         "seed": seed,
         "size": size,
         "counts": counts,
+        **({"bands": bands} if bands != 3 else {}),
     }
     meta_path = out / "meta.json"
     if _up_to_date(out, meta_path, settings, counts):
@@ -814,7 +846,7 @@ def generate(
                 f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it"
             )
         _remove_layout(out)
-    jobs = list(_jobs(out, counts, seed, size))
+    jobs = list(_jobs(out, counts, seed, size, bands))
     domains: dict[str, dict[str, str]] = {split: {} for split in counts}
     bar = tqdm(total=len(jobs), desc=f"synth {out.name}", unit="img", disable=not progress)
     if workers == 1:
@@ -828,11 +860,12 @@ def generate(
                 domains[split][stem] = domain
                 bar.update()
     bar.close()
-    meta = {
-        **settings,
-        "classes": ["no-data", "background", "building", "road", "water", "barren", "forest", "agricultural"],
-        "domains": domains,
-    }
+    meta = {**settings, "classes": list(CLASSES), "domains": domains}
+    if bands != 3:
+        from seglstm.data.loveda import LoveDA
+
+        spec = {"classes": list(CLASSES[1:]), "palette": [list(c) for c in LoveDA.palette], "reduce_zero_label": True}
+        write_text(out / "classes.yaml", yaml.safe_dump(spec, sort_keys=False))
     write_text(meta_path, json.dumps(meta, indent=1, sort_keys=True) + "\n")
     return out
 
@@ -849,7 +882,8 @@ def _up_to_date(out: Path, meta_path: Path, settings: dict, counts: dict[str, in
     for split, count in counts.items():
         for i in range(count):
             stem = _stem(split, i)
-            if not (out / "img_dir" / split / f"{stem}.png").is_file():
+            suffix = ".png" if settings.get("bands", 3) == 3 else ".tif"
+            if not (out / "img_dir" / split / f"{stem}{suffix}").is_file():
                 return False
             if split != "test" and not (out / "ann_dir" / split / f"{stem}.png").is_file():
                 return False
@@ -860,7 +894,8 @@ def _remove_layout(out: Path) -> None:
     """Delete only what this generator writes (img_dir, ann_dir, meta.json); refuse anything else."""
     import shutil
 
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in ("img_dir", "ann_dir", "meta.json"))
+    ours = ("img_dir", "ann_dir", "meta.json", "classes.yaml")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in ours)
     if foreign:
         raise FileExistsError(
             f"{out} holds files this generator did not write ({', '.join(foreign[:5])}); refusing "
@@ -869,8 +904,9 @@ def _remove_layout(out: Path) -> None:
     for name in ("img_dir", "ann_dir"):
         if (out / name).exists():
             shutil.rmtree(out / name)
-    if (out / "meta.json").exists():
-        os.remove(out / "meta.json")
+    for name in ("meta.json", "classes.yaml"):
+        if (out / name).exists():
+            os.remove(out / name)
 
 
 def sample_scenes(

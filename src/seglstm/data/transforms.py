@@ -251,7 +251,9 @@ def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
 
 
 class PhotoMetricDistortion(Transform):
-    """mmseg's ``PhotoMetricDistortion`` on RGB images with values in 0..255.
+    """mmseg's ``PhotoMetricDistortion`` on the RGB bands (values in 0..255) of an image with any number of
+    bands: ``rgb_bands`` (0-based, default the first three) are distorted, the others (near-infrared,
+    elevation, ...) pass through unchanged, since colour jitter has no meaning for them.
 
     Order and coin flips as mmseg: brightness (50%), then contrast (50%) either right after brightness or
     after the HSV steps (a 50% coin picks which), saturation (50%), hue (50%). Brightness adds
@@ -268,7 +270,11 @@ class PhotoMetricDistortion(Transform):
         saturation_range: Sequence[float] = (0.5, 1.5),
         hue_delta: int = 18,
         quantize: bool = True,
+        rgb_bands: Sequence[int] = (0, 1, 2),
     ) -> None:
+        if len(rgb_bands) != 3 or len(set(rgb_bands)) != 3 or min(rgb_bands) < 0:
+            raise ValueError(f"rgb_bands must be three distinct 0-based band indices, got {list(rgb_bands)}")
+        self.rgb_bands = [int(b) for b in rgb_bands]
         self.brightness_delta = float(brightness_delta)
         self.contrast_range = (float(contrast_range[0]), float(contrast_range[1]))
         self.saturation_range = (float(saturation_range[0]), float(saturation_range[1]))
@@ -330,18 +336,25 @@ class PhotoMetricDistortion(Transform):
 
     def __call__(self, sample: Sample, generator: torch.Generator | None = None) -> Sample:
         img = sample["image"]
-        if img.shape[0] != 3:
+        if max(self.rgb_bands) >= img.shape[0]:
             raise DataError(
-                f"{_path(sample)}: PhotoMetricDistortion needs a 3-channel RGB image, got {img.shape[0]} "
-                "channels (turn photometric distortion off for multi-band data)"
+                f"{_path(sample)}: PhotoMetricDistortion distorts bands {self.rgb_bands} (rgb_bands) but the "
+                f"image has {img.shape[0]} band(s) (turn photometric distortion off for this data)"
             )
-        if float(img.max()) > 255.5 or float(img.min()) < -0.5:  # bilinear resizing can overshoot by ~1e-5
+        rgb = img[self.rgb_bands]
+        if float(rgb.max()) > 255.5 or float(rgb.min()) < -0.5:  # bilinear resizing can overshoot by ~1e-5
             raise DataError(
-                f"{_path(sample)}: PhotoMetricDistortion expects 8-bit values in 0..255, got "
-                f"{float(img.min()):g}..{float(img.max()):g} (turn photometric distortion off for this data)"
+                f"{_path(sample)}: PhotoMetricDistortion expects 8-bit values in its RGB bands, 0..255, got "
+                f"{float(rgb.min()):g}..{float(rgb.max()):g} (turn photometric distortion off for this data)"
             )
         out = dict(sample)
-        out["image"] = self.apply(img.to(torch.float32).clamp(0.0, 255.0), self.sample_params(generator))
+        distorted = self.apply(rgb.to(torch.float32).clamp(0.0, 255.0), self.sample_params(generator))
+        if img.shape[0] == 3 and self.rgb_bands == [0, 1, 2]:
+            out["image"] = distorted
+        else:
+            image = img.to(torch.float32).clone()
+            image[self.rgb_bands] = distorted
+            out["image"] = image
         return out
 
 

@@ -94,6 +94,23 @@ def _adapt(sd: dict[str, torch.Tensor], module: nn.Module) -> tuple[dict[str, to
     return sd, fmt, module
 
 
+def _adapt_input_convs(sd: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """RGB first-layer weights for an N-band model: timm's ``adapt_input_conv`` (the smp rule: cycle the
+    RGB kernels over the N bands, rescale by 3/N), for every 4-D weight that differs only in 3 -> N
+    input channels."""
+    from timm.models import adapt_input_conv
+
+    out = dict(sd)
+    for key, value in sd.items():
+        target = own.get(key)
+        if (
+            target is not None and value.ndim == 4 and target.ndim == 4 and value.shape[1] == 3
+            and target.shape[1] != 3 and value.shape[0] == target.shape[0] and value.shape[2:] == target.shape[2:]
+        ):
+            out[key] = adapt_input_conv(target.shape[1], value)
+    return out
+
+
 def load_pretrained(
     module: nn.Module,
     path_or_state_dict: str | os.PathLike | Mapping[str, Any],
@@ -120,6 +137,7 @@ def load_pretrained(
     sd, fmt, target = _adapt(_unwrap(obj, source), module)
 
     own = target.state_dict()
+    sd = _adapt_input_convs(sd, own)
     shape_errors = [
         f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
         for k, v in sd.items()
