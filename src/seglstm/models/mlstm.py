@@ -1,26 +1,32 @@
 """mLSTM cell backends: one call signature over several implementations of one function.
 
-Every backend computes the same function (DESIGN.md section 2, parallel form):
+Every backend computes the same function (docs/design.md, section 4, parallel form):
 
     h = mlstm(q, k, v, i, f)   with q, k, v: (B, NH, S, D) and i, f: (B, NH, S)
 
 - ``chunkwise``: linear in S; the default. On CPU (and for CUDA training) it runs our own chunkwise kernel
   ``chunkwise_feature_major``: plain PyTorch, so autograd differentiates it, and organised so that all
-  chunks' K^T V and Q C products are single batched GEMMs with only the D x D state recurrence left as a
-  Python loop (mlstm_kernels' native kernel loops over chunks with one small bmm each and zero-fills an
-  (NC+1) D x D state tensor). Its outputs and gradients are tested against ``mlstm_kernels``'
+  chunks' K^T V and Q C products are batched GEMMs with only the D x D state recurrence left as a Python
+  loop over chunks (mlstm_kernels' native kernel loops over chunks with one small bmm each and zero-fills
+  an (NC+1) D x D state tensor). Its outputs and gradients are tested against ``mlstm_kernels``'
   ``parallel--native_autograd`` and ``chunkwise--native_autograd`` in float64. On CUDA the Triton kernel
-  serves inference; training stays on our kernel because the hand-written backward passes of
-  ``mlstm_kernels`` do not match the gradient of the formula (DESIGN.md). ``kernel="triton"`` forces Triton
-  for training too.
+  serves inference (``kernel="auto"``); training stays on our kernel because the hand-written backward
+  passes of ``mlstm_kernels`` (Triton and ``*_custbw``) do not match the gradient of the formula, so
+  ``kernel="triton"`` refuses to train. With ``TRITON_INTERPRET=1``, ``kernel="triton"`` runs the Triton
+  kernels on CPU tensors through Triton's interpreter (the GPU code path, for tests).
 - ``parallel``: the quadratic form the seed runs (``mlstm_kernels`` ``parallel--native_autograd``).
 - ``recurrent``: step by step (``mlstm_kernels`` ``native_sequence__native``); slow, a reference.
+
+Precision: whatever autocast is active, the cell runs in float32 (float64 stays float64) with autocast
+switched off: the gates, stabiliser, cumulative sums and state updates need float32's range and
+resolution, and the chunk GEMMs accumulate the states. ``mlstm`` returns h in that state dtype.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -36,6 +42,7 @@ BACKENDS: tuple[str, ...] = ("chunkwise", "parallel", "recurrent")
 KERNELS: tuple[str, ...] = ("auto", "native", "triton")
 
 _TRITON_CHUNKWISE = "chunkwise--triton_xl_chunk"
+_TRITON_MIN_SEQ = 16  # the Triton kernels tile the sequence in blocks of at least 16 tokens
 
 
 @functools.cache
@@ -43,30 +50,26 @@ def _kernel(name: str) -> Callable:
     return get_mlstm_kernel(name)
 
 
-_triton_fn: Callable | None = None
-_triton_off = False
-
-
-def _disable_triton(err: BaseException) -> None:
-    global _triton_off
-    _triton_off = True
-    warnings.warn(
-        f"mLSTM Triton kernel unavailable ({type(err).__name__}: {err}); using the PyTorch chunkwise kernel on "
-        "CUDA from now on",
-        RuntimeWarning,
-        stacklevel=4,
-    )
+def triton_interpreted() -> bool:
+    """Whether Triton runs its interpreter (``TRITON_INTERPRET=1``): Triton kernels then take CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def wants_triton(x: torch.Tensor, kernel: KernelChoice) -> bool:
-    """Whether the chunkwise backend would hand tensors like ``x`` to the Triton kernel."""
+    """Whether the chunkwise backend would hand tensors like ``x`` to the Triton kernel.
+
+    ``triton``: on CUDA, or on any device under Triton's interpreter. ``auto``: on CUDA without autograd.
+    """
     if kernel not in KERNELS:
         raise ValueError(f"mlstm_kernel must be one of {KERNELS}, got {kernel!r}")
-    return (
-        x.is_cuda
-        and not _triton_off
-        and (kernel == "triton" or (kernel == "auto" and not torch.is_grad_enabled()))
-    )
+    if kernel == "triton":
+        return x.is_cuda or triton_interpreted()
+    return kernel == "auto" and x.is_cuda and not torch.is_grad_enabled()
+
+
+def state_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of the cell's state math for inputs like ``x``: float32 at least (float64 stays)."""
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 def chunk_length(seq: int, chunk_size: int) -> int:
@@ -138,7 +141,8 @@ def _chunks(t: torch.Tensor, num_chunks: int) -> torch.Tensor:
 
 
 def _gemm_batches(bsz: int, nh: int, nc: int) -> list[Callable[[torch.Tensor], torch.Tensor]]:
-    """Selectors that turn (B, NH, NC, R, C) chunk views into the batches of one bmm call each.
+    """Selectors that turn (B, NH, NC, R, C) chunk views into the batches of one bmm call each (CPU
+    inference, see ``_products_looped``).
 
     With several chunks, the (B, NH) dims of a strided chunk view do not merge without a copy, so there is
     one call per (b, h). With a single chunk (short sequences: small crops, training batches of many
@@ -223,47 +227,72 @@ def chunkwise_feature_major(
     decay = _exp(st["g"] + st["m_prev"] - st["m_state"])  # (B, NH, NC): state carry-over factor
     if grad:
         out = _ChunkwiseProducts.apply(q, k, v1, w, sigma, decay, dmat)
+    elif q.is_cpu:
+        out = _products_looped(q, k, v1, w, sigma, decay, dmat)
     else:
-        out = _products(q, k, v1, w, sigma, decay, dmat, scratch)[0]
+        out = _products_batched(q, k, v1, w, sigma, decay, dmat)[0]
     return out.transpose(2, 3), m
 
 
-def _fresh(key: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    return like.new_empty(shape)
-
-
-def _products(q, k, v1, w, sigma, decay, dmat, alloc: Callable) -> tuple[torch.Tensor, ...]:
-    """The GEMM part of the chunkwise form, given the gate weights (see ``_ChunkwiseProducts``).
+def _products_looped(q, k, v1, w, sigma, decay, dmat) -> torch.Tensor:
+    """The GEMM part of the chunkwise form for CPU inference, given the gate weights (see
+    ``_ChunkwiseProducts``); returns out (B, NH, NC, Dv1, L) in a scratch buffer.
 
     Runs bmm calls (per head, or one for all, see ``_gemm_batches``) on strided chunk views of the
-    feature-major inputs (torch.matmul would copy the non-mergeable (B, NH, NC) batch) into contiguous chunk-major buffers from ``alloc``: with a contiguous
-    result PyTorch hands the whole batch to one MKL batched GEMM, with a strided one it loops over
-    single-matrix GEMMs, each a separate (and, under load, slow) thread synchronisation.
-    Returns out (B, NH, NC, Dv1, L) and what the backward pass needs: the states entering chunks 1..,
-    the raw scores Q^T K, the masked scores P, kg = k w and qs = q sigma.
+    feature-major inputs (torch.matmul would copy the non-mergeable (B, NH, NC) batch) into contiguous
+    chunk-major scratch buffers: with a contiguous result PyTorch hands the whole batch to one MKL batched
+    GEMM, with a strided one it loops over single-matrix GEMMs, each a separate (and, under load, slow)
+    thread synchronisation. Measured faster on the CPU than ``_products_batched``; on CUDA the Python loop
+    over (batch, head) would be thousands of tiny kernel launches, so CUDA never takes this path.
     """
     bsz, nh, d, _ = q.shape
     dv1, nc, L = v1.shape[2], dmat.shape[2], dmat.shape[3]
-    kg = torch.mul(k, w, out=alloc("cell.kg", k.shape, k))
-    qs = torch.mul(q, sigma, out=alloc("cell.qs", q.shape, q))
+    kg = torch.mul(k, w, out=scratch("cell.kg", k.shape, k))
+    qs = torch.mul(q, sigma, out=scratch("cell.qs", q.shape, q))
     qc, kc, v1c, kgc, qsc = (_chunks(t, nc) for t in (q, k, v1, kg, qs))
     # States are kept as (Dv + 1, D) = V^T K: the inter-chunk product is then a plain NN GEMM.
-    states = alloc("cell.states", (bsz, nh, nc, dv1, d), q)
-    qk = alloc("cell.qk", (bsz, nh, nc, L, L), q)
-    out = alloc("cell.out", (bsz, nh, nc, dv1, L), q)
+    states = scratch("cell.states", (bsz, nh, nc, dv1, d), q)
+    qk = scratch("cell.qk", (bsz, nh, nc, L, L), q)
+    out = scratch("cell.out", (bsz, nh, nc, dv1, L), q)
     batches = _gemm_batches(bsz, nh, nc)
     for sel in batches:
         torch.bmm(sel(v1c), sel(kgc).transpose(1, 2), out=sel(states))
         torch.bmm(sel(qc).transpose(1, 2), sel(kc), out=sel(qk))
-    per_chunk, carry = states.unbind(2), decay[..., None, None].unbind(2)  # views, indexed once
-    for c in range(1, nc - 1):  # states[c] becomes the state after chunk c, i.e. entering chunk c + 1
-        per_chunk[c].addcmul_(per_chunk[c - 1], carry[c])
-    p = qk.mul_(dmat) if alloc is scratch else qk * dmat
+    _accumulate_states(states, decay)
+    p = qk.mul_(dmat)
     out[:, :, 0].zero_()  # no state enters the first chunk
     for sel in batches:
         if nc > 1:
             torch.bmm(sel(states)[:-1], sel(qsc)[1:], out=sel(out)[1:])
         sel(out).baddbmm_(sel(v1c), sel(p).transpose(1, 2))
+    return out
+
+
+def _accumulate_states(states: torch.Tensor, decay: torch.Tensor) -> None:
+    """In place: states[c] (chunk c's own V1 Kg^T) becomes the state after chunk c, i.e. entering chunk
+    c + 1; one elementwise call per chunk over all (batch, head). The last chunk's state feeds nothing."""
+    per_chunk, carry = states.unbind(2), decay[..., None, None].unbind(2)  # views, indexed once
+    for c in range(1, states.shape[2] - 1):
+        per_chunk[c].addcmul_(per_chunk[c - 1], carry[c])
+
+
+def _products_batched(q, k, v1, w, sigma, decay, dmat) -> tuple[torch.Tensor, ...]:
+    """The chunk products (see ``_ChunkwiseProducts``) as a fixed number of batched GEMMs over all
+    (batch, head, chunk): the autograd and CUDA path, whose kernel launches do not grow with batch or heads.
+
+    Returns out (B, NH, NC, Dv1, L) and what the backward pass needs: the states entering chunks 1..,
+    the raw scores Q^T K, the masked scores P, kg = k w and qs = q sigma.
+    """
+    nc = dmat.shape[2]
+    kg, qs = k * w, q * sigma
+    qc, kc, v1c, kgc, qsc = (_chunks(t, nc) for t in (q, k, v1, kg, qs))
+    states = torch.matmul(v1c, kgc.transpose(-1, -2))  # (B, NH, NC, Dv1, D)
+    _accumulate_states(states, decay)
+    qk = torch.matmul(qc.transpose(-1, -2), kc)
+    p = qk * dmat
+    out = torch.matmul(v1c, p.transpose(-1, -2))
+    if nc > 1:
+        out[:, :, 1:] += torch.matmul(states[:, :, :-1], qsc[:, :, 1:])
     return out, states[:, :, :-1], qk, p, kg, qs
 
 
@@ -284,7 +313,7 @@ class _ChunkwiseProducts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v1, w, sigma, decay, dmat):
-        out, entering, qk, p, kg, qs = _products(q, k, v1, w, sigma, decay, dmat, _fresh)
+        out, entering, qk, p, kg, qs = _products_batched(q, k, v1, w, sigma, decay, dmat)
         ctx.save_for_backward(q, k, v1, w, sigma, decay, dmat, entering, qk, p, kg, qs)
         return out
 
@@ -292,49 +321,35 @@ class _ChunkwiseProducts(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         q, k, v1, w, sigma, decay, dmat, entering, qk, p, kg, qs = ctx.saved_tensors
-        bsz, nh, d, _ = q.shape
-        dv1, nc, L = v1.shape[2], dmat.shape[2], dmat.shape[3]
-        g = grad_out.contiguous()  # (B, NH, NC, Dv1, L)
-        # Gradients are accumulated chunk-major (contiguous bmm results, see _products), then unchunked.
-        dq, dk, dqs, dkg = (q.new_empty(bsz, nh, nc, d, L) for _ in range(4))
-        dv = v1.new_empty(bsz, nh, nc, dv1, L)
-        dp = torch.empty_like(p)
-        acc = v1.new_empty(bsz, nh, nc, dv1, d)  # dL/dE_c for c = 1 .. NC - 1 (E_0 = 0 needs none)
+        nc = dmat.shape[2]
+        g = grad_out  # (B, NH, NC, Dv1, L)
         qc, kc, v1c, kgc, qsc = (_chunks(t, nc) for t in (q, k, v1, kg, qs))
-        batches = _gemm_batches(bsz, nh, nc)
-        dqs[:, :, 0].zero_()
-        for sel in batches:
-            torch.bmm(sel(g).transpose(1, 2), sel(v1c), out=sel(dp))  # dP = G^T V1
-            torch.bmm(sel(g), sel(p), out=sel(dv))  # intra: dV1 = G P
-            if nc > 1:
-                torch.bmm(sel(g)[1:], sel(qsc)[1:].transpose(1, 2), out=sel(acc)[1:])  # dE = G Qs^T
-                torch.bmm(sel(entering).transpose(1, 2), sel(g)[1:], out=sel(dqs)[1:])  # dQs = E^T G
+        dp = torch.matmul(g.transpose(-1, -2), v1c)  # dP = G^T V1
+        dv = torch.matmul(g, p)  # intra: dV1 = G P
         d_dmat = dp * qk
-        ds = dp.mul_(dmat)  # gradient of the raw scores Q^T K
-        # Reverse the recurrence: acc[c] = dE_c + decay_c acc[c + 1]; then dL/d(V1_c Kg_c^T) = acc[c + 1].
-        per_chunk, carry = acc.unbind(2), decay[..., None, None].unbind(2)
-        for c in range(nc - 2, 0, -1):
-            per_chunk[c].addcmul_(per_chunk[c + 1], carry[c])
+        ds = dp * dmat  # gradient of the raw scores Q^T K
+        dq = torch.matmul(kc, ds.transpose(-1, -2))  # dQ = K dS^T
+        dk = torch.matmul(qc, ds)  # dK = Q dS
         d_decay = torch.zeros_like(decay)
-        if nc > 2:
-            for b in range(bsz):  # <dE_{c+1}, E_c> as batched dot products (no state-sized temporary)
-                for h in range(nh):
-                    dots = torch.bmm(
-                        acc[b, h, 2:].view(nc - 2, 1, -1), entering[b, h, :-1].view(nc - 2, -1, 1)
-                    )
-                    d_decay[b, h, 1:-1] = dots.view(nc - 2)
-        dkg[:, :, -1].zero_()  # the last chunk's keys feed no later chunk
-        for sel in batches:
-            torch.bmm(sel(kc), sel(ds).transpose(1, 2), out=sel(dq))  # dQ = K dS^T
-            torch.bmm(sel(qc), sel(ds), out=sel(dk))  # dK = Q dS
-            if nc > 1:
-                torch.bmm(sel(acc)[1:].transpose(1, 2), sel(v1c)[:-1], out=sel(dkg)[:-1])  # dKg = dU^T V1
-                sel(dv)[:-1].baddbmm_(sel(acc)[1:], sel(kgc)[:-1])  # dV1 += dU Kg
-        sigma_c, w_c = _chunks(sigma, nc), _chunks(w, nc)
-        d_sigma = _unchunk((dqs * qc).sum(3, keepdim=True))
-        d_w = _unchunk((dkg * kc).sum(3, keepdim=True))
-        dq.addcmul_(dqs, sigma_c)
-        dk.addcmul_(dkg, w_c)
+        if nc > 1:
+            # acc[j] = dL/dE_{j+1} (E_0 = 0 needs none): dE = G Qs^T, then the recurrence reversed,
+            # acc[j] += decay_{j+1} acc[j + 1]; dL/d(V1_c Kg_c^T) is then acc[c].
+            acc = torch.matmul(g[:, :, 1:], qsc[:, :, 1:].transpose(-1, -2))
+            dqs = F.pad(torch.matmul(entering.transpose(-1, -2), g[:, :, 1:]), (0, 0, 0, 0, 1, 0))  # E^T G
+            per_chunk, carry = acc.unbind(2), decay[..., None, None].unbind(2)
+            for c in range(nc - 2, 0, -1):
+                per_chunk[c - 1].addcmul_(per_chunk[c], carry[c])
+            if nc > 2:  # <dE_{c+1}, E_c> for the decays that multiply a nonzero state
+                d_decay[:, :, 1:-1] = (acc[:, :, 1:] * entering[:, :, :-1]).sum((-2, -1))
+            # the last chunk's keys feed no later chunk: dKg = dU^T V1 for chunks 0 .. NC - 2
+            dkg = F.pad(torch.matmul(acc.transpose(-1, -2), v1c[:, :, :-1]), (0, 0, 0, 0, 0, 1))
+            dv[:, :, :-1] += torch.matmul(acc, kgc[:, :, :-1])  # dV1 += dU Kg
+            d_sigma = _unchunk((dqs * qc).sum(3, keepdim=True))
+            d_w = _unchunk((dkg * kc).sum(3, keepdim=True))
+            dq = dq.addcmul_(dqs, _chunks(sigma, nc))
+            dk = dk.addcmul_(dkg, _chunks(w, nc))
+        else:  # one chunk: no state enters or leaves
+            d_sigma, d_w = torch.zeros_like(sigma), torch.zeros_like(w)
         return _unchunk(dq), _unchunk(dk), _unchunk(dv), d_w, d_sigma, d_decay, d_dmat
 
 
@@ -362,26 +377,65 @@ def _chunkwise_torch(q, k, v, i, f, *, chunk_size: int, eps: float) -> torch.Ten
 
 
 def _chunkwise(q, k, v, i, f, *, chunk_size: int, eps: float, kernel: KernelChoice) -> torch.Tensor:
-    global _triton_fn
-    if wants_triton(q, kernel):
-        try:  # import and compile failures both surface here, on the first call
-            _triton_fn = _triton_fn or get_mlstm_kernel(_TRITON_CHUNKWISE)
-            return _triton_padded(_triton_fn, q, k, v, i, f, chunk_size=max(chunk_size, 64), eps=eps)
-        except Exception as err:
-            _disable_triton(err)
-    return _chunkwise_torch(q, k, v, i, f, chunk_size=chunk_size, eps=eps)
+    if not wants_triton(q, kernel):
+        return _chunkwise_torch(q, k, v, i, f, chunk_size=chunk_size, eps=eps)
+    try:
+        return _triton_chunkwise(q, k, v, i, f, chunk_size=chunk_size, eps=eps)
+    except TritonTrainingError:
+        raise
+    except Exception as err:  # import, compile and launch failures all surface here; decided per call
+        where = f"q of shape {tuple(q.shape)}, v of shape {tuple(v.shape)}, {q.dtype}"
+        if kernel == "triton":
+            raise RuntimeError(f"mLSTM Triton kernel failed for {where}: {type(err).__name__}: {err}") from err
+        warnings.warn(
+            f"mLSTM Triton kernel failed for {where} ({type(err).__name__}: {err}); this call runs the "
+            "PyTorch chunkwise kernel",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return _chunkwise_torch(q, k, v, i, f, chunk_size=chunk_size, eps=eps)
 
 
-def _triton_padded(fn: Callable, q, k, v, i, f, *, chunk_size: int, eps: float) -> torch.Tensor:
-    seq = q.shape[2]
-    chunk = chunk_length(seq, chunk_size)
+class TritonTrainingError(RuntimeError):
+    """Raised when autograd would run through mlstm_kernels' Triton backward (wrong gradients)."""
+
+
+def triton_head_dim(d: int) -> int:
+    """The head dim the Triton kernels compute ``d`` in: ``d`` itself when they handle it (a power of two
+    from 16, or a multiple of 64), else the next such size. mlstm_kernels 2.0.6 loads and stores the head
+    dim in blocks of min(64, next_pow2(d)) without masks: d = 96 gives 38% error, d = 48 corrupts the heap.
+    """
+    if d % 64 == 0 or (d >= 16 and d & (d - 1) == 0):
+        return d
+    return max(16, 1 << (d - 1).bit_length()) if d < 64 else -(-d // 64) * 64
+
+
+def _triton_chunkwise(q, k, v, i, f, *, chunk_size: int, eps: float) -> torch.Tensor:
+    """mlstm_kernels' Triton chunkwise forward on inputs padded to shapes it handles, cropped back.
+
+    Zero rows at the end of the sequence are exact for the kept tokens (the recurrence is causal); zero
+    columns in the head dim leave every q . k and the normaliser unchanged, and q is pre-scaled by
+    sqrt(Dp / D) because the kernel scales q . k by Dp**-0.5 instead of D**-0.5.
+    """
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, i, f)):
+        raise TritonTrainingError(
+            "mlstm_kernel='triton' cannot train: the Triton backward of mlstm_kernels 2.0.6 is not the "
+            "gradient of the mLSTM (80-90% off for q, k, i, f); use mlstm_kernel='auto' (Triton for "
+            "inference, the PyTorch chunkwise kernel with exact gradients for training)"
+        )
+    seq, d, dv = q.shape[2], q.shape[3], v.shape[3]
+    dp, dvp = triton_head_dim(d), triton_head_dim(dv)
+    # Below 128 tokens the kernel wants a power-of-two sequence of at least 16; above, multiples of 64.
+    chunk = max(_TRITON_MIN_SEQ, chunk_length(seq, max(chunk_size, 64)))
     pad = (-seq) % chunk
-    if pad:
-        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-        i, f = (F.pad(t, (0, pad)) for t in (i, f))
-    q, k, v, i, f = (t.contiguous() for t in (q, k, v, i, f))  # callers pass transposed views
-    h = fn(q=q, k=k, v=v, i=i, f=f, chunk_size=chunk, eps=eps, autocast_kernel_dtype=q.dtype)
-    return h[:, :, :seq] if pad else h
+    q = q.float() * (dp / d) ** 0.5
+    q, k = (F.pad(t.float(), (0, dp - d, 0, pad)).contiguous() for t in (q, k))
+    v = F.pad(v.float(), (0, dvp - dv, 0, pad)).contiguous()
+    i, f = (F.pad(t.float(), (0, pad)).contiguous() for t in (i, f))
+    h = _kernel(_TRITON_CHUNKWISE)(
+        q=q, k=k, v=v, i=i, f=f, chunk_size=chunk, eps=eps, autocast_kernel_dtype=torch.float32
+    )
+    return h[:, :, :seq, :dv]
 
 
 def mlstm(
@@ -402,16 +456,20 @@ def mlstm(
         i, f: (B, NH, S) input and forget gate pre-activations.
         backend: ``chunkwise`` (linear), ``parallel`` (quadratic, the seed's) or ``recurrent``.
         chunk_size: chunk length of the chunkwise form (rounded down to the sequence's power of two).
-        kernel: CUDA kernel choice for ``chunkwise``; ignored on CPU.
+        kernel: kernel choice for ``chunkwise`` (see ``wants_triton``); ``native`` on CPU unless Triton
+            runs its interpreter.
     Returns:
-        h: (B, NH, S, D).
+        h: (B, NH, S, D) in ``state_dtype(q)``, whatever autocast is active.
     """
-    if backend == "chunkwise":
-        return _chunkwise(q, k, v, i, f, chunk_size=chunk_size, eps=eps, kernel=kernel)
-    if backend == "parallel":
-        return _kernel("parallel--native_autograd")(q=q, k=k, v=v, i=i, f=f, eps=eps)
-    if backend == "recurrent":
+    if backend not in BACKENDS:
+        raise ValueError(f"mlstm_backend must be one of {BACKENDS}, got {backend!r}")
+    dtype = state_dtype(q)
+    with torch.autocast(q.device.type, enabled=False):
+        q, k, v, i, f = (t.to(dtype) for t in (q, k, v, i, f))
+        if backend == "chunkwise":
+            return _chunkwise(q, k, v, i, f, chunk_size=chunk_size, eps=eps, kernel=kernel).to(dtype)
+        if backend == "parallel":
+            return _kernel("parallel--native_autograd")(q=q, k=k, v=v, i=i, f=f, eps=eps)
         return get_mlstm_sequence_kernel("native_sequence__native")(
-            q=q, k=k, v=v, i=i, f=f, eps=eps, dtype_state=q.dtype
+            q=q, k=k, v=v, i=i, f=f, eps=eps, dtype_state=dtype
         )
-    raise ValueError(f"mlstm_backend must be one of {BACKENDS}, got {backend!r}")

@@ -26,6 +26,7 @@ from seglstm.models.mlstm import (
     mlstm,
     normaliser,
     scratch,
+    state_dtype,
     wants_triton,
     workspace,
 )
@@ -210,12 +211,22 @@ class ViLLayer(nn.Module):
         nn.init.ones_(self.learnable_skip)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.reverse:
-            return _flip_tokens(self._scan(_flip_tokens(x, "layer.flip_in")), "layer.flip_out")
-        return self._scan(x)
+        """(B, S, d) -> (B, S, d) in float32 (or the input's wider dtype), under autocast too.
 
-    def _scan(self, x: torch.Tensor) -> torch.Tensor:
-        """The layer in its own scan order: (B, S, d) -> (B, S, d)."""
+        Under autocast the two projections (``proj_up``, ``proj_down``: most of the layer's GEMM work
+        outside the cell) take the autocast dtype; everything else (causal conv, gates, q/k/v, the cell,
+        the norm) runs in float32 with autocast off, so no in-place or ``out=`` call ever mixes dtypes.
+        """
+        dev = x.device.type
+        amp = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        with torch.autocast(dev, enabled=False):
+            x = x.to(state_dtype(self.proj_up.weight))
+            if self.reverse:
+                return _flip_tokens(self._scan(_flip_tokens(x, "layer.flip_in"), amp), "layer.flip_out")
+            return self._scan(x, amp)
+
+    def _scan(self, x: torch.Tensor, amp: torch.dtype | None) -> torch.Tensor:
+        """The layer in its own scan order: (B, S, d) -> (B, S, d); ``amp``: the projections' GEMM dtype."""
         bsz, seq, _ = x.shape
         cell = self.mlstm_cell
         nh, e = cell.num_heads, self.learnable_skip.shape[0]
@@ -236,7 +247,7 @@ class ViLLayer(nn.Module):
         w_a = _fold_block_diag(wq, self.q_proj.weight) + _fold_block_diag(wk, self.k_proj.weight)
         w_x = _fold_block_diag(wv, self.v_proj.weight) @ self.proj_up.weight[:e]
         x_t = x.transpose(1, 2)
-        up = _left_matmul(self.proj_up.weight, x_t, "layer.up")  # (B, 2e, S)
+        up = _left_matmul(self.proj_up.weight, x_t, "layer.up", amp)  # (B, 2e, S)
         x_m, z = up.chunk(2, dim=1)
         a = F.silu(_causal_conv(x_m, self.conv1d.conv.weight, self.conv1d.conv.bias), inplace)
         gate_bias = torch.cat([cell.igate.bias, cell.fgate.bias]).unsqueeze(-1)
@@ -272,7 +283,7 @@ class ViLLayer(nn.Module):
         h = cell.outnorm.normalise_feature_major(num, nrm, inplace=inplace)
         a, z = (t.view(bsz, nh, dh, *tokens) for t in (a, z))
         h = _skip_and_gate(h, a, z, self.learnable_skip, inplace)
-        out = _heads_matmul(h, self.proj_down.weight, "layer.down")  # (B, S, d)
+        out = _heads_matmul(h, self.proj_down.weight, "layer.down", amp)  # (B, S, d)
         return out[:, :seq] if pad else out
 
 
@@ -297,11 +308,18 @@ def _causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> t
     return out
 
 
+def _cpu_inference(x: torch.Tensor) -> bool:
+    """Whether the CPU inference variants apply: scratch buffers and Python loops over the batch (and
+    heads) that keep each GEMM's result contiguous (measured faster on the CPU). With autograd, and always
+    on CUDA, every step is one batched call whose launch count does not grow with batch or heads."""
+    return x.is_cpu and not torch.is_grad_enabled()
+
+
 def _block_diag_matmul(weight: torch.Tensor, x: torch.Tensor, key: str) -> torch.Tensor:
     """Block-diagonal map of feature-major x: (B, e, S) -> (B, e, S), as one bmm over the blocks (memory
     bound; merging blocks into larger zero-padded ones was measured slower)."""
     nb, bs, _ = weight.shape
-    if torch.is_grad_enabled():
+    if not _cpu_inference(x):
         return torch.matmul(weight, x.unflatten(1, (nb, bs))).flatten(1, 2)
     out = scratch(key, x.shape, x)
     for b in range(x.shape[0]):
@@ -314,7 +332,7 @@ def _values_with_ones(weight: torch.Tensor, x_m: torch.Tensor, nh: int) -> torch
     bsz, e, seq = x_m.shape
     dh = e // nh
     bs = weight.shape[1]
-    if torch.is_grad_enabled() or dh % bs:
+    if not _cpu_inference(x_m) or dh % bs:
         v = _block_diag_matmul(weight, x_m, "layer.v").view(bsz, nh, dh, seq)
         return torch.cat([v, v.new_ones(bsz, nh, 1, seq)], 2)
     w = weight.view(nh, dh // bs, bs, bs)
@@ -333,34 +351,41 @@ def _fold_block_diag(w_gate: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     return torch.einsum("gbo,boi->gbi", w_gate.reshape(-1, nb, bs), weight).reshape(w_gate.shape[0], -1)
 
 
-def _left_matmul(weight: torch.Tensor, x: torch.Tensor, key: str) -> torch.Tensor:
-    """weight (P, K) @ x (B, K, S) -> (B, P, S) contiguous (torch.matmul would return a transposed view)."""
+def _left_matmul(weight: torch.Tensor, x: torch.Tensor, key: str, amp: torch.dtype | None) -> torch.Tensor:
+    """weight (P, K) @ x (B, K, S) -> (B, P, S) contiguous in x's dtype (torch.matmul would return a
+    transposed view); the GEMM's operands in ``amp`` when given."""
+    dtype = x.dtype
+    if amp is not None:
+        weight, x = weight.to(amp), x.to(amp)
     w = weight.expand(x.shape[0], -1, -1)
-    if torch.is_grad_enabled():
-        return torch.bmm(w, x)
-    return torch.bmm(w, x, out=scratch(key, (x.shape[0], weight.shape[0], x.shape[2]), x))
+    if not _cpu_inference(x):
+        return torch.bmm(w, x).to(dtype)
+    out = torch.bmm(w, x, out=scratch(key, (x.shape[0], weight.shape[0], x.shape[2]), x))
+    return out if amp is None else out.to(dtype)
 
 
-def _heads_matmul(h: torch.Tensor, weight: torch.Tensor, key: str) -> torch.Tensor:
-    """Output projection of chunked per-head h (B, NH, DH, NC, L) -> (B, NC * L, d): per head one batched
-    GEMM over the chunks (h may be stored chunk-major, with gaps between heads)."""
+def _heads_matmul(h: torch.Tensor, weight: torch.Tensor, key: str, amp: torch.dtype | None) -> torch.Tensor:
+    """Output projection of chunked per-head h (B, NH, DH, NC, L) -> (B, NC * L, d) in h's dtype, the
+    GEMM's operands in ``amp`` when given (h may be stored chunk-major, with gaps between heads)."""
     bsz, nh, dh, nc, length = h.shape
-    parts = [weight[:, j * dh : (j + 1) * dh].t().expand(bsz * nc, -1, -1) for j in range(nh)]
-    if torch.is_grad_enabled():
-        out = None
-        for j in range(nh):
-            lhs = h[:, j].permute(0, 2, 3, 1).reshape(bsz * nc, length, dh)
-            out = torch.bmm(lhs, parts[j]) if out is None else torch.baddbmm(out, lhs, parts[j])
-        return out.view(bsz, nc * length, -1)
+    dtype = h.dtype
+    if amp is not None:
+        h, weight = h.to(amp), weight.to(amp)
+    if not _cpu_inference(h):  # one token-major copy of h, then one GEMM over all heads
+        tokens = h.permute(0, 3, 4, 1, 2).reshape(bsz * nc * length, nh * dh)
+        return torch.matmul(tokens, weight.t()).view(bsz, nc * length, -1).to(dtype)
+    # CPU inference: per head one batched GEMM over the chunks, accumulated into a scratch buffer
+    parts = [weight[:, j * dh : (j + 1) * dh].t().expand(nc, -1, -1) for j in range(nh)]
     out = scratch(key, (bsz, nc, length, weight.shape[0]), h)
     for b in range(bsz):
         for j in range(nh):
             lhs = h[b, j].permute(1, 2, 0)  # (NC, L, DH)
             if j:
-                out[b].baddbmm_(lhs, parts[j][:nc])
+                out[b].baddbmm_(lhs, parts[j])
             else:
-                torch.bmm(lhs, parts[j][:nc], out=out[b])
-    return out.view(bsz, nc * length, -1)
+                torch.bmm(lhs, parts[j], out=out[b])
+    out = out.view(bsz, nc * length, -1)
+    return out if amp is None else out.to(dtype)
 
 
 def _skip_and_gate(
