@@ -138,3 +138,34 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
     atomic_write_text(path, json.dumps(payload, indent=2))
     print(f"wrote {path}")
     return path
+
+
+def add_sources(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--src",
+        action="append",
+        default=[],
+        metavar="LABEL=PATH",
+        help="measure the seglstm package under PATH (a src/ directory) as LABEL; repeat to compare source "
+        "trees in one run, interleaved configuration by configuration (default: the installed package)",
+    )
+
+
+def parse_sources(parser: argparse.ArgumentParser, values: list[str]) -> list[tuple[str, str | None]]:
+    """``LABEL=PATH`` options -> [(label, path)], or [("", None)] for the package on sys.path."""
+    sources = []
+    for value in values:
+        label, sep, path = value.partition("=")
+        if not sep or not label or not (Path(path) / "seglstm" / "__init__.py").is_file():
+            parser.error(f"--src must be LABEL=PATH with PATH/seglstm/__init__.py present, got {value!r}")
+        sources.append((label, str(Path(path).resolve())))
+    return sources or [("", None)]
+
+
+def use_source(path: str | None) -> None:
+    """In a measuring child, before seglstm is imported: import it from ``path``."""
+    if path is None:
+        return
+    if "seglstm" in sys.modules:
+        raise RuntimeError("use_source must run before seglstm is imported")
+    sys.path.insert(0, path)

@@ -2,6 +2,7 @@
 the seed's parallel mLSTM backend: forward, loss, backward and an AdamW step at 512x512, batch 2.
 
     python benchmarks/training_step.py [--steps 3] [--size 512] [--batch 2] [--omp-wait-policy passive]
+        [--backends chunkwise parallel] [--src old=/path/to/old/src --src new=src]
 
 Prints a table and writes benchmarks/results/encoder_speed_training[_cuda].json. Each backend runs in a
 fresh process (see _common.py), with the same OMP_WAIT_POLICY handling as encoder_speed.py (`_common.add_omp_wait_policy`).
@@ -21,19 +22,25 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     add_omp_wait_policy,
+    add_sources,
     apply_omp_wait_policy,
     machine,
+    parse_sources,
     peak_memory_mib,
     print_table,
     run_isolated,
     start_memory,
+    use_source,
     write_json,
 )
 
 BACKENDS = ("chunkwise", "parallel")
 
 
-def measure(backend: str, size: int, batch: int, steps: int, device: str) -> dict[str, Any]:
+def measure(
+    backend: str, size: int, batch: int, steps: int, device: str, src: str | None = None
+) -> dict[str, Any]:
+    use_source(src)
     import seglstm
 
     dev = torch.device(device)
@@ -79,27 +86,36 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=list(BACKENDS))
     parser.add_argument("--out", default=None)
     add_omp_wait_policy(parser)
+    add_sources(parser)
     args = parser.parse_args()
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
     omp_wait_policy = apply_omp_wait_policy(args.omp_wait_policy)
+    sources = parse_sources(parser, args.src)
 
     rows = []
-    for backend in BACKENDS:
-        res = run_isolated(
-            measure, backend=backend, size=args.size, batch=args.batch, steps=args.steps, device=args.device
-        )
-        rows.append({"backend": backend, **res})
-        print(f"{backend:>10}: {res}", flush=True)
+    for backend in args.backends:
+        for label, src in sources:
+            res = run_isolated(
+                measure, backend=backend, size=args.size, batch=args.batch, steps=args.steps,
+                device=args.device, src=src,
+            )
+            rows.append({"backend": backend, "source": label, **res})
+            print(f"{backend:>10} {label:>6}: {res}", flush=True)
     print()
-    print_table(rows, ["backend", "seconds_per_step", "steps_per_s", "peak_mib", "load_average", "error"])
-    by = {r["backend"]: r for r in rows}
-    speedup = None
-    if all("steps_per_s" in by[b] for b in BACKENDS):
-        speedup = by["chunkwise"]["steps_per_s"] / by["parallel"]["steps_per_s"]
-        print(f"\nchunkwise / parallel steps per second: {speedup:.2f}x")
+    print_table(
+        rows, ["backend", "source", "seconds_per_step", "steps_per_s", "peak_mib", "load_average", "error"]
+    )
+    by = {(r["backend"], r["source"]): r for r in rows}
+    speedup = {}
+    for label, _ in sources:
+        pair = [by.get((b, label), {}) for b in BACKENDS]
+        if all("steps_per_s" in r for r in pair):
+            speedup[label] = pair[0]["steps_per_s"] / pair[1]["steps_per_s"]
+            print(f"\n{label}{' ' if label else ''}chunkwise / parallel steps per second: {speedup[label]:.2f}x")
     suffix = "" if args.device == "cpu" else f"_{args.device}"
     out = args.out or Path(__file__).resolve().parent / "results" / f"encoder_speed_training{suffix}.json"
     write_json(
@@ -111,8 +127,9 @@ def main() -> None:
             "size": args.size,
             "batch": args.batch,
             "omp_wait_policy": omp_wait_policy,
+            "sources": dict(sources),
             "rows": rows,
-            "chunkwise_over_parallel_steps_per_s": speedup,
+            "chunkwise_over_parallel_steps_per_s": speedup.get("") if len(sources) == 1 else speedup,
         },
     )
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import seglstm
 from seglstm.models.checkpoint import CheckpointMismatchError
 from seglstm.models.vision_lstm import ViLBlock, ViLLayer, VisionLSTM
-from tests.test_mlstm import reference_mlstm
+from tests.references.mlstm import reference_mlstm
 
 
 def _randomize(module: torch.nn.Module, gen: torch.Generator) -> None:

@@ -8,6 +8,7 @@
 - the inference path (scratch buffers, in-place ops) vs the autograd path.
 """
 
+import collections
 import zlib
 
 import pytest
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from mlstm_kernels.torch import get_mlstm_kernel
 
 from seglstm.models.mlstm import _ChunkwiseProducts, mlstm, wants_triton, workspace
-from seglstm.models.vision_lstm import ViLLayer, VisionLSTM
+from seglstm.models.vision_lstm import ViLBlock, ViLLayer, VisionLSTM
 
 PARALLEL = get_mlstm_kernel("parallel--native_autograd")
 CHUNKWISE = get_mlstm_kernel("chunkwise--native_autograd")
@@ -236,11 +237,32 @@ def test_encoder_inference_path_equals_autograd_path():
     assert _rel(no_grad[0][0], no_grad[1][0]) > 1e-3  # different inputs, different maps
 
 
-def test_triton_is_never_chosen_on_cpu_and_kernel_names_are_checked():
+def test_triton_on_cpu_only_under_its_interpreter_and_kernel_names_are_checked(monkeypatch):
     x = torch.zeros(1)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert not wants_triton(x, "triton") and not wants_triton(x, "auto")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert wants_triton(x, "triton") and not wants_triton(x, "auto") and not wants_triton(x, "native")
     with pytest.raises(ValueError, match="mlstm_kernel"):
         wants_triton(x, "cuda")
+
+
+def _op_counts(batch: int, heads: int) -> collections.Counter:
+    torch.manual_seed(0)
+    block = ViLBlock(32, reverse=True, num_heads=heads, chunk_size=8)
+    x = torch.randn(batch, 40, 32, requires_grad=True)  # 5 chunks
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        block(x).square().sum().backward()
+    return collections.Counter(e.name for e in prof.events())
+
+
+def test_training_path_operator_count_does_not_grow_with_batch_or_heads():
+    """The autograd path (the one CUDA trains with) issues the same operators, as many times, for batch 2
+    and 5 and for 4 and 8 heads: no Python loop over (batch, head), one launch per op on a GPU."""
+    base = _op_counts(2, 4)
+    assert base["aten::bmm"] > 0
+    assert _op_counts(5, 4) == base
+    assert _op_counts(2, 8) == base
 
 
 @pytest.mark.slow
