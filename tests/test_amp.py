@@ -13,8 +13,7 @@ import pytest
 import torch
 
 import seglstm
-from seglstm.models.mlstm import mlstm
-from seglstm.models.vision_lstm import VisionLSTM
+from seglstm.models.vil import VisionLSTM, mlstm
 from tests.references.autocast import CudaAutocastPolicy
 
 BACKENDS = ["chunkwise", "parallel", "recurrent"]

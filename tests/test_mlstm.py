@@ -6,7 +6,7 @@ import zlib
 import pytest
 import torch
 
-from seglstm.models.mlstm import mlstm
+from seglstm.models.vil import mlstm
 from tests.references.mlstm import reference_mlstm
 
 

@@ -15,9 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import seglstm.models.mlstm as cell
-from seglstm.models.mlstm import TritonTrainingError, mlstm, triton_head_dim
-from seglstm.models.vision_lstm import VisionLSTM
+import seglstm.models.vil.backends as backends
+import seglstm.models.vil.dispatch as dispatch
+from seglstm.models.vil import VisionLSTM, mlstm
+from seglstm.models.vil.backends import TritonTrainingError, triton_head_dim
+from seglstm.models.vil.mlstm import chunkwise
 from tests.references.autocast import CudaAutocastPolicy
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -41,11 +43,11 @@ def _inputs(seq: int, d: int, seed: int, b: int = 1, nh: int = 2):
 def triton_calls(monkeypatch):
     """Counts the calls that reach mlstm_kernels' Triton kernel."""
     calls = []
-    original = cell._kernel
+    original = backends._kernel
 
     def spy(name):
         fn = original(name)
-        if name != cell._TRITON_CHUNKWISE:
+        if name != backends._TRITON_CHUNKWISE:
             return fn
 
         def counted(**kwargs):
@@ -54,7 +56,7 @@ def triton_calls(monkeypatch):
 
         return counted
 
-    monkeypatch.setattr(cell, "_kernel", spy)
+    monkeypatch.setattr(backends, "_kernel", spy)
     return calls
 
 
@@ -131,15 +133,15 @@ def test_a_failing_triton_call_never_disables_triton(monkeypatch):
         calls.append(q.shape[2])
         if q.shape[2] == 8:
             raise AssertionError("Sequence length must be divisible by 16.")
-        return cell._chunkwise_torch(q, k, v, i, f, chunk_size=chunk_size, eps=eps)
+        return chunkwise(q, k, v, i, f, chunk_size=chunk_size, eps=eps)
 
-    monkeypatch.setattr(cell, "_triton_chunkwise", fake_triton)
-    monkeypatch.setattr(cell, "wants_triton", lambda x, kernel: True)
+    monkeypatch.setattr(backends, "triton_chunkwise", fake_triton)
+    monkeypatch.setattr(dispatch, "wants_triton", lambda x, kernel: True)
     short, long = _inputs(8, 16, seed=2), _inputs(40, 16, seed=3)
     with torch.no_grad():
         with pytest.warns(RuntimeWarning, match=r"shape \(1, 2, 8, 16\)"):
             got = mlstm(*short, kernel="auto")
-        torch.testing.assert_close(got, cell._chunkwise_torch(*short, chunk_size=64, eps=1e-6))
+        torch.testing.assert_close(got, chunkwise(*short, chunk_size=64, eps=1e-6))
         mlstm(*long, kernel="auto")
         assert calls == [8, 40]  # the second call went to Triton again
         with pytest.raises(RuntimeError, match=r"Triton kernel failed for q of shape \(1, 2, 8, 16\)"):
