@@ -191,20 +191,26 @@ def _products_batched(q, k, v1, w, sigma, decay, dmat) -> tuple[torch.Tensor, ..
     """The chunk products (see ``_ChunkwiseProducts``) as a fixed number of batched GEMMs over all
     (batch, head, chunk): the autograd and CUDA path, whose kernel launches do not grow with batch or heads.
 
-    Returns out (B, NH, NC, Dv1, L) and what the backward pass needs: the states entering chunks 1..,
-    the raw scores Q^T K, the masked scores P, kg = k w and qs = q sigma.
+    The operands are copied once into contiguous chunk-major (B, NH, NC, R, L) tensors, so every GEMM
+    merges (B, NH, NC) into one batch without further copies, and the states are stored as entering each
+    chunk (E_0 = 0 included), so the inter-chunk product needs no shifted view either.
+    Returns out (B, NH, NC, Dv1, L) and what the backward pass needs: the entering states E, the raw
+    scores Q^T K, the masked scores P, and the chunk-major q, k, v1, kg = k w and qs = q sigma.
     """
     nc = dmat.shape[2]
-    kg, qs = k * w, q * sigma
-    qc, kc, v1c, kgc, qsc = (_chunks(t, nc) for t in (q, k, v1, kg, qs))
-    states = torch.matmul(v1c, kgc.transpose(-1, -2))  # (B, NH, NC, Dv1, D)
-    _accumulate_states(states, decay)
+    qc, kc, v1c = (_chunks(t, nc).contiguous() for t in (q, k, v1))
+    kgc, qsc = kc * _chunks(w, nc), qc * _chunks(sigma, nc)
+    own = torch.matmul(v1c, kgc.transpose(-1, -2))  # (B, NH, NC, Dv1, D): chunk c's V1_c Kg_c^T
+    entering = torch.empty_like(own)  # E_c, the state entering chunk c
+    entering[:, :, 0].zero_()
+    for c in range(1, nc):  # one elementwise call per chunk over all (batch, head)
+        torch.addcmul(own[:, :, c - 1], entering[:, :, c - 1], decay[:, :, c - 1, None, None],
+                      out=entering[:, :, c])  # fmt: skip
     qk = torch.matmul(qc.transpose(-1, -2), kc)
     p = qk * dmat
-    out = torch.matmul(v1c, p.transpose(-1, -2))
-    if nc > 1:
-        out[:, :, 1:] += torch.matmul(states[:, :, :-1], qsc[:, :, 1:])
-    return out, states[:, :, :-1], qk, p, kg, qs
+    out = torch.matmul(v1c, p.transpose(-1, -2))  # intra-chunk
+    out.flatten(0, 2).baddbmm_(entering.flatten(0, 2), qsc.flatten(0, 2))  # + inter-chunk, in place
+    return out, entering, qk, p, qc, kc, v1c, kgc, qsc
 
 
 def _unchunk(t: torch.Tensor) -> torch.Tensor:
@@ -224,43 +230,37 @@ class _ChunkwiseProducts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v1, w, sigma, decay, dmat):
-        out, entering, qk, p, kg, qs = _products_batched(q, k, v1, w, sigma, decay, dmat)
-        ctx.save_for_backward(q, k, v1, w, sigma, decay, dmat, entering, qk, p, kg, qs)
+        out, *saved = _products_batched(q, k, v1, w, sigma, decay, dmat)
+        ctx.save_for_backward(w, sigma, decay, dmat, *saved)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        q, k, v1, w, sigma, decay, dmat, entering, qk, p, kg, qs = ctx.saved_tensors
+        w, sigma, decay, dmat, entering, qk, p, qc, kc, v1c, kgc, qsc = ctx.saved_tensors
         nc = dmat.shape[2]
-        g = grad_out  # (B, NH, NC, Dv1, L)
-        qc, kc, v1c, kgc, qsc = (_chunks(t, nc) for t in (q, k, v1, kg, qs))
+        g = grad_out.contiguous()  # (B, NH, NC, Dv1, L)
         dp = torch.matmul(g.transpose(-1, -2), v1c)  # dP = G^T V1
-        dv = torch.matmul(g, p)  # intra: dV1 = G P
         d_dmat = dp * qk
-        ds = dp * dmat  # gradient of the raw scores Q^T K
+        ds = dp.mul_(dmat)  # gradient of the raw scores Q^T K
         dq = torch.matmul(kc, ds.transpose(-1, -2))  # dQ = K dS^T
         dk = torch.matmul(qc, ds)  # dK = Q dS
-        d_decay = torch.zeros_like(decay)
-        if nc > 1:
-            # acc[j] = dL/dE_{j+1} (E_0 = 0 needs none): dE = G Qs^T, then the recurrence reversed,
-            # acc[j] += decay_{j+1} acc[j + 1]; dL/d(V1_c Kg_c^T) is then acc[c].
-            acc = torch.matmul(g[:, :, 1:], qsc[:, :, 1:].transpose(-1, -2))
-            dqs = F.pad(torch.matmul(entering.transpose(-1, -2), g[:, :, 1:]), (0, 0, 0, 0, 1, 0))  # E^T G
-            per_chunk, carry = acc.unbind(2), decay[..., None, None].unbind(2)
-            for c in range(nc - 2, 0, -1):
-                per_chunk[c - 1].addcmul_(per_chunk[c], carry[c])
-            if nc > 2:  # <dE_{c+1}, E_c> for the decays that multiply a nonzero state
-                d_decay[:, :, 1:-1] = (acc[:, :, 1:] * entering[:, :, :-1]).sum((-2, -1))
-            # the last chunk's keys feed no later chunk: dKg = dU^T V1 for chunks 0 .. NC - 2
-            dkg = F.pad(torch.matmul(acc.transpose(-1, -2), v1c[:, :, :-1]), (0, 0, 0, 0, 0, 1))
-            dv[:, :, :-1] += torch.matmul(acc, kgc[:, :, :-1])  # dV1 += dU Kg
-            d_sigma = _unchunk((dqs * qc).sum(3, keepdim=True))
-            d_w = _unchunk((dkg * kc).sum(3, keepdim=True))
-            dq = dq.addcmul_(dqs, _chunks(sigma, nc))
-            dk = dk.addcmul_(dkg, _chunks(w, nc))
-        else:  # one chunk: no state enters or leaves
-            d_sigma, d_w = torch.zeros_like(sigma), torch.zeros_like(w)
+        dqs = torch.matmul(entering.transpose(-1, -2), g)  # dQs = E^T G (zero for chunk 0: E_0 = 0)
+        # The states backwards: with dE_c = G_c Qs_c^T and R_c = dE_c + decay_c R_{c+1} the total gradient
+        # of E_c, chunk c's own term V1_c Kg_c^T gets R_{c+1} (nothing for the last chunk).
+        d_e = torch.matmul(g, qsc.transpose(-1, -2))
+        d_own = torch.empty_like(d_e)
+        d_own[:, :, nc - 1].zero_()
+        for c in range(nc - 2, -1, -1):  # one elementwise call per chunk over all (batch, head)
+            torch.addcmul(d_e[:, :, c + 1], d_own[:, :, c + 1], decay[:, :, c + 1, None, None],
+                          out=d_own[:, :, c])  # fmt: skip
+        d_decay = (d_own * entering).sum((-2, -1))  # <R_{c+1}, E_c>
+        dv = torch.matmul(g, p).add_(torch.matmul(d_own, kgc))  # dV1 = G P + dU Kg
+        dkg = torch.matmul(d_own.transpose(-1, -2), v1c)  # dKg = dU^T V1
+        d_sigma = _unchunk((dqs * qc).sum(3, keepdim=True))
+        d_w = _unchunk((dkg * kc).sum(3, keepdim=True))
+        dq = dq.addcmul_(dqs, _chunks(sigma, nc))
+        dk = dk.addcmul_(dkg, _chunks(w, nc))
         return _unchunk(dq), _unchunk(dk), _unchunk(dv), d_w, d_sigma, d_decay, d_dmat
 
 
