@@ -187,8 +187,11 @@ def _heads_matmul(h: torch.Tensor, weight: torch.Tensor, key: str, amp: torch.dt
     dtype = h.dtype
     if amp is not None:
         h, weight = h.to(amp), weight.to(amp)
-    if not _cpu_inference(h):  # one token-major copy of h, then one GEMM over all heads
-        tokens = h.permute(0, 3, 4, 1, 2).reshape(bsz * nc * length, nh * dh)
+    if not _cpu_inference(h):
+        # One token-major copy of h, then one GEMM over all heads. The copy's gradient is handed back in h's
+        # own layout: as the copy's (token-major) layout, every elementwise backward step before it ran on
+        # mismatched strides (a quarter of a ViL block's training step on the CPU).
+        tokens = _GradLikeInput.apply(h).permute(0, 3, 4, 1, 2).reshape(bsz * nc * length, nh * dh)
         return torch.matmul(tokens, weight.t()).view(bsz, nc * length, -1).to(dtype)
     # CPU inference: per head one batched GEMM over the chunks, accumulated into a scratch buffer
     parts = [weight[:, j * dh : (j + 1) * dh].t().expand(nc, -1, -1) for j in range(nh)]
@@ -202,6 +205,20 @@ def _heads_matmul(h: torch.Tensor, weight: torch.Tensor, key: str, amp: torch.dt
                 torch.bmm(lhs, parts[j], out=out[b])
     out = out.view(bsz, nc * length, -1)
     return out if amp is None else out.to(dtype)
+
+
+class _GradLikeInput(torch.autograd.Function):
+    """Identity whose backward returns the gradient with the input's strides."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.layout = (x.shape, x.stride())
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        shape, stride = ctx.layout
+        return torch.empty_strided(shape, stride, dtype=grad.dtype, device=grad.device).copy_(grad)
 
 
 def _skip_and_gate(

@@ -187,35 +187,48 @@ def _accumulate_states(states: torch.Tensor, decay: torch.Tensor) -> None:
         per_chunk[c].addcmul_(per_chunk[c - 1], carry[c])
 
 
+def _chunk_first(t: torch.Tensor, num_chunks: int) -> torch.Tensor:
+    """(B, NH, R, S) -> (NC, B, NH, R, L) contiguous: chunk-first, so that a shift by one chunk is a plain
+    slice and every (NC', B, NH) batch merges into one without a copy."""
+    return _chunks(t, num_chunks).permute(2, 0, 1, 3, 4).contiguous()
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """(NC', B, NH, R, C) chunk-first view -> (NC' * B * NH, R, C), one GEMM batch (a view, never a copy)."""
+    return t.view(-1, *t.shape[-2:])
+
+
 def _products_batched(q, k, v1, w, sigma, decay, dmat) -> tuple[torch.Tensor, ...]:
     """The chunk products (see ``_ChunkwiseProducts``) as a fixed number of batched GEMMs over all
     (batch, head, chunk): the autograd and CUDA path, whose kernel launches do not grow with batch or heads.
 
-    The operands are copied once into contiguous chunk-major (B, NH, NC, R, L) tensors, so every GEMM
-    merges (B, NH, NC) into one batch without further copies, and the states are stored as entering each
-    chunk (E_0 = 0 included), so the inter-chunk product needs no shifted view either.
-    Returns out (B, NH, NC, Dv1, L) and what the backward pass needs: the entering states E, the raw
-    scores Q^T K, the masked scores P, and the chunk-major q, k, v1, kg = k w and qs = q sigma.
+    The operands are copied once into chunk-first contiguous (NC, B, NH, R, L) tensors: every GEMM then
+    runs on one merged batch, shifted by a chunk where the states enter, without further copies.
+    Returns out (B, NH, NC, Dv1, L) (a view) and what the backward pass needs, chunk-first: the states
+    entering each chunk E (E_0 = 0), the raw scores Q^T K, the masked scores P, q, k, v1, kg = k w and
+    qs = q sigma.
     """
     nc = dmat.shape[2]
-    qc, kc, v1c = (_chunks(t, nc).contiguous() for t in (q, k, v1))
-    kgc, qsc = kc * _chunks(w, nc), qc * _chunks(sigma, nc)
-    own = torch.matmul(v1c, kgc.transpose(-1, -2))  # (B, NH, NC, Dv1, D): chunk c's V1_c Kg_c^T
-    entering = torch.empty_like(own)  # E_c, the state entering chunk c
-    entering[:, :, 0].zero_()
-    for c in range(1, nc):  # one elementwise call per chunk over all (batch, head)
-        torch.addcmul(own[:, :, c - 1], entering[:, :, c - 1], decay[:, :, c - 1, None, None],
-                      out=entering[:, :, c])  # fmt: skip
-    qk = torch.matmul(qc.transpose(-1, -2), kc)
-    p = qk * dmat
-    out = torch.matmul(v1c, p.transpose(-1, -2))  # intra-chunk
-    out.flatten(0, 2).baddbmm_(entering.flatten(0, 2), qsc.flatten(0, 2))  # + inter-chunk, in place
+    qc, kc, v1c = (_chunk_first(t, nc) for t in (q, k, v1))
+    kgc, qsc = kc * _chunk_first(w, nc), qc * _chunk_first(sigma, nc)
+    carry = decay.permute(2, 0, 1)[..., None, None]  # (NC, B, NH, 1, 1)
+    entering = v1c.new_empty(nc, *v1c.shape[1:3], v1c.shape[3], qc.shape[3])  # (NC, B, NH, Dv1, D)
+    entering[0].zero_()
+    if nc > 1:  # E_c = V1_{c-1} Kg_{c-1}^T + decay_{c-1} E_{c-1}: one GEMM, then one update per chunk
+        torch.bmm(_flat(v1c[:-1]), _flat(kgc[:-1]).transpose(1, 2), out=_flat(entering[1:]))
+        for c in range(2, nc):
+            entering[c].addcmul_(entering[c - 1], carry[c - 1])
+    qk = torch.bmm(_flat(qc).transpose(1, 2), _flat(kc)).view(nc, *qc.shape[1:3], *dmat.shape[-2:])
+    p = qk * dmat.permute(2, 0, 1, 3, 4)
+    out = torch.bmm(_flat(v1c), _flat(p).transpose(1, 2))  # intra-chunk
+    out.baddbmm_(_flat(entering), _flat(qsc))  # + inter-chunk
+    out = out.view(nc, *v1c.shape[1:]).permute(1, 2, 0, 3, 4)
     return out, entering, qk, p, qc, kc, v1c, kgc, qsc
 
 
-def _unchunk(t: torch.Tensor) -> torch.Tensor:
-    """(B, NH, NC, R, L) -> (B, NH, R, NC * L), a copy."""
-    return t.transpose(2, 3).flatten(3)
+def _unchunk_first(t: torch.Tensor) -> torch.Tensor:
+    """(NC, B, NH, R, L) -> (B, NH, R, NC * L), a copy."""
+    return t.permute(1, 2, 3, 0, 4).flatten(3)
 
 
 class _ChunkwiseProducts(torch.autograd.Function):
@@ -239,29 +252,37 @@ class _ChunkwiseProducts(torch.autograd.Function):
     def backward(ctx, grad_out):
         w, sigma, decay, dmat, entering, qk, p, qc, kc, v1c, kgc, qsc = ctx.saved_tensors
         nc = dmat.shape[2]
-        g = grad_out.contiguous()  # (B, NH, NC, Dv1, L)
-        dp = torch.matmul(g.transpose(-1, -2), v1c)  # dP = G^T V1
+        g = grad_out.permute(2, 0, 1, 3, 4).contiguous()  # chunk-first (NC, B, NH, Dv1, L)
+        dp = torch.bmm(_flat(g).transpose(1, 2), _flat(v1c)).view(qk.shape)  # dP = G^T V1
         d_dmat = dp * qk
-        ds = dp.mul_(dmat)  # gradient of the raw scores Q^T K
-        dq = torch.matmul(kc, ds.transpose(-1, -2))  # dQ = K dS^T
-        dk = torch.matmul(qc, ds)  # dK = Q dS
-        dqs = torch.matmul(entering.transpose(-1, -2), g)  # dQs = E^T G (zero for chunk 0: E_0 = 0)
-        # The states backwards: with dE_c = G_c Qs_c^T and R_c = dE_c + decay_c R_{c+1} the total gradient
-        # of E_c, chunk c's own term V1_c Kg_c^T gets R_{c+1} (nothing for the last chunk).
-        d_e = torch.matmul(g, qsc.transpose(-1, -2))
-        d_own = torch.empty_like(d_e)
-        d_own[:, :, nc - 1].zero_()
-        for c in range(nc - 2, -1, -1):  # one elementwise call per chunk over all (batch, head)
-            torch.addcmul(d_e[:, :, c + 1], d_own[:, :, c + 1], decay[:, :, c + 1, None, None],
-                          out=d_own[:, :, c])  # fmt: skip
-        d_decay = (d_own * entering).sum((-2, -1))  # <R_{c+1}, E_c>
-        dv = torch.matmul(g, p).add_(torch.matmul(d_own, kgc))  # dV1 = G P + dU Kg
-        dkg = torch.matmul(d_own.transpose(-1, -2), v1c)  # dKg = dU^T V1
-        d_sigma = _unchunk((dqs * qc).sum(3, keepdim=True))
-        d_w = _unchunk((dkg * kc).sum(3, keepdim=True))
-        dq = dq.addcmul_(dqs, _chunks(sigma, nc))
-        dk = dk.addcmul_(dkg, _chunks(w, nc))
-        return _unchunk(dq), _unchunk(dk), _unchunk(dv), d_w, d_sigma, d_decay, d_dmat
+        ds = dp.mul_(dmat.permute(2, 0, 1, 3, 4))  # gradient of the raw scores Q^T K
+        dq = torch.bmm(_flat(kc), _flat(ds).transpose(1, 2)).view(qc.shape)  # dQ = K dS^T
+        dk = torch.bmm(_flat(qc), _flat(ds)).view(kc.shape)  # dK = Q dS
+        dqs = torch.bmm(_flat(entering).transpose(1, 2), _flat(g)).view(qsc.shape)  # dQs = E^T G
+        dv = torch.bmm(_flat(g), _flat(p)).view(v1c.shape)  # intra: dV1 = G P
+        dkg = torch.zeros_like(kgc)  # the last chunk's keys feed no later chunk
+        d_decay = torch.zeros_like(decay)
+        if nc > 1:
+            # r[c] = dL/dE_c in total: dE_c = G_c Qs_c^T plus decay_c r[c + 1], backwards over the chunks
+            # (r[0] is never needed: E_0 = 0); chunk c's own V1_c Kg_c^T then gets r[c + 1].
+            r = v1c.new_empty(entering.shape)
+            r[0].zero_()
+            torch.bmm(_flat(g[1:]), _flat(qsc[1:]).transpose(1, 2), out=_flat(r[1:]))
+            carry = decay.permute(2, 0, 1)[..., None, None]
+            for c in range(nc - 2, 0, -1):
+                r[c].addcmul_(r[c + 1], carry[c])
+            torch.bmm(_flat(r[1:]).transpose(1, 2), _flat(v1c[:-1]), out=_flat(dkg[:-1]))  # dKg = dU^T V1
+            _flat(dv[:-1]).baddbmm_(_flat(r[1:]), _flat(kgc[:-1]))  # dV1 += dU Kg
+            if nc > 2:  # <dE_{c+1}, E_c> for the decays that multiply a nonzero state, as batched dot products
+                size = r[0, 0, 0].numel()
+                dots = torch.bmm(r[2:].reshape(-1, 1, size), entering[1:-1].reshape(-1, size, 1))
+                d_decay[:, :, 1:-1] = dots.view(nc - 2, *decay.shape[:2]).permute(1, 2, 0)
+        d_sigma = _unchunk_first((dqs * qc).sum(3, keepdim=True))
+        d_w = _unchunk_first((dkg * kc).sum(3, keepdim=True))
+        dq = dq.addcmul_(dqs, _chunk_first(sigma, nc))
+        dk = dk.addcmul_(dkg, _chunk_first(w, nc))
+        d_dmat = d_dmat.permute(1, 2, 0, 3, 4)
+        return _unchunk_first(dq), _unchunk_first(dk), _unchunk_first(dv), d_w, d_sigma, d_decay, d_dmat
 
 
 def normaliser(den: torch.Tensor, m: torch.Tensor, eps: float) -> torch.Tensor:
