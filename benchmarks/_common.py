@@ -43,3 +43,4 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
     atomic_write_text(path, json.dumps(payload, indent=2))
     print(f"wrote {path}")
     return path
+

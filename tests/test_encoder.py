@@ -1,4 +1,6 @@
-"""The Vision-LSTM encoder: layer math, directions, causality, shapes, presets and checkpoint loading."""
+"""The Vision-LSTM encoder: layer math (the layer's own reference forward and its fused path against the
+independent float64 reference in tests/references/vil.py), directions, causality, shapes, presets and
+checkpoint loading."""
 
 import math
 
@@ -8,8 +10,8 @@ import torch.nn.functional as F
 
 import seglstm
 from seglstm.models.checkpoint import CheckpointMismatchError
-from seglstm.models.vision_lstm import ViLBlock, ViLLayer, VisionLSTM
-from tests.test_mlstm import reference_mlstm
+from seglstm.models.vil import ViLBlock, ViLLayer, VisionLSTM
+from tests.references.vil import reference_vil_layer
 
 
 def _randomize(module: torch.nn.Module, gen: torch.Generator) -> None:
@@ -17,43 +19,6 @@ def _randomize(module: torch.nn.Module, gen: torch.Generator) -> None:
     with torch.no_grad():
         for p in module.parameters():
             p.copy_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-
-
-def reference_vil_layer(layer: ViLLayer, x: torch.Tensor) -> torch.Tensor:
-    """DESIGN.md section 2 step by step, with explicit loops where the module uses fused ops."""
-    if layer.reverse:
-        x = x.flip(1)
-    e = layer.proj_up.weight.shape[0] // 2
-    up = x @ layer.proj_up.weight.T
-    x_m, z = up[..., :e], up[..., e:]
-    w = layer.conv1d.conv.weight[:, 0]  # (e, K)
-    kk = w.shape[1]
-    padded = F.pad(x_m, (0, 0, kk - 1, 0))
-    conv = sum(padded[:, j : j + x.shape[1]] * w[:, j] for j in range(kk)) + layer.conv1d.conv.bias
-    a = F.silu(conv)
-
-    def blockdiag(t, weight):
-        nb, bs, _ = weight.shape
-        out = torch.zeros_like(t)
-        for h in range(nb):
-            out[..., h * bs : (h + 1) * bs] = t[..., h * bs : (h + 1) * bs] @ weight[h].T
-        return out
-
-    q, k, v = blockdiag(a, layer.q_proj.weight), blockdiag(a, layer.k_proj.weight), blockdiag(x_m, layer.v_proj.weight)
-    cell = layer.mlstm_cell
-    gate_in = torch.cat([q, k, v], -1)
-    i = (gate_in @ cell.igate.weight.T + cell.igate.bias).transpose(1, 2)
-    f = (gate_in @ cell.fgate.weight.T + cell.fgate.bias).transpose(1, 2)
-    nh = cell.num_heads
-    heads = [t.reshape(t.shape[0], t.shape[1], nh, -1).transpose(1, 2) for t in (q, k, v)]
-    h = reference_mlstm(*heads, i, f)  # (B, NH, S, DH)
-    h = h.transpose(1, 2)
-    mu = h.mean(-1, keepdim=True)
-    var = ((h - mu) ** 2).mean(-1, keepdim=True)
-    h = ((h - mu) / torch.sqrt(var + 1e-5)).reshape(x.shape[0], x.shape[1], e) * (1 + cell.outnorm.weight)
-    h = (h + layer.learnable_skip * a) * F.silu(z)
-    out = h @ layer.proj_down.weight.T
-    return out.flip(1) if layer.reverse else out
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -64,8 +29,18 @@ def test_layer_matches_reference(reverse, backend):
     _randomize(layer, gen)
     x = torch.randn(2, 21, 16, generator=gen, dtype=torch.float64)
     with torch.no_grad():
-        got, ref = layer(x), reference_vil_layer(layer, x)
+        got, own, ref = layer(x), layer.reference_forward(x), reference_vil_layer(layer, x)
     assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-6
+    assert ((own - ref).abs().max() / ref.abs().max()).item() < 1e-6
+
+
+def test_old_import_paths_name_the_same_objects():
+    import seglstm.models.mlstm as old_cell
+    import seglstm.models.vision_lstm as old_vil
+    from seglstm.models import vil
+
+    assert old_vil.VisionLSTM is VisionLSTM and old_vil.checkpoint_filter_fn is vil.checkpoint_filter_fn
+    assert old_cell.mlstm is vil.mlstm and old_cell.wants_triton is vil.wants_triton
 
 
 def test_reverse_block_is_flipped_forward_block():
@@ -144,7 +119,8 @@ def test_presets_and_seed_parameter_count():
 
 
 def _public_state_dict(depth: int, dim: int, grid: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """A Vision-LSTM v1 classification checkpoint spelled with the public key names (DESIGN.md s.2)."""
+    """A Vision-LSTM v1 classification checkpoint spelled with the public key names (docs/design.md,
+    section 5)."""
     e = 2 * dim
     sd = {
         "patch_embed.proj.weight": (dim, 3, 16, 16),

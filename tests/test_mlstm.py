@@ -1,29 +1,13 @@
-"""The mLSTM cell backends against each other and against the DESIGN.md formula written out here."""
+"""The mLSTM cell backends against each other and against the formula of docs/design.md, section 4
+(tests/references/mlstm.py)."""
 
-import math
 import zlib
 
 import pytest
 import torch
 
-from seglstm.models.mlstm import mlstm
-
-
-def reference_mlstm(q, k, v, i, f, eps=1e-6):
-    """DESIGN.md section 2, parallel form, one (batch, head) at a time, in float64 loops over t."""
-    b, nh, s, d = q.shape
-    out = torch.empty_like(v)
-    logf = torch.nn.functional.logsigmoid(f)
-    for bi in range(b):
-        for h in range(nh):
-            cum = torch.cumsum(logf[bi, h], 0)
-            for t in range(s):
-                logd = cum[t] - cum[: t + 1] + i[bi, h, : t + 1]
-                m = logd.max()
-                c = (k[bi, h, : t + 1] @ q[bi, h, t]) / math.sqrt(d) * torch.exp(logd - m)
-                n = torch.maximum(c.sum().abs(), torch.exp(-m))
-                out[bi, h, t] = (c[:, None] * v[bi, h, : t + 1]).sum(0) / (n + eps)
-    return out
+from seglstm.models.vil import mlstm
+from tests.references.mlstm import reference_mlstm
 
 
 def _inputs(seq, gen, igate=(0.0, 1.0), fgate=(3.0, 2.0), b=2, nh=2, d=8):

@@ -66,7 +66,7 @@ def _fmt_keys(keys: list[str], limit: int = 20) -> str:
 
 def _adapt(sd: dict[str, torch.Tensor], module: nn.Module) -> tuple[dict[str, torch.Tensor], str, nn.Module]:
     """Return (state dict, format name, the module it targets) for the checkpoint's layout."""
-    from seglstm.models.vision_lstm import VisionLSTM, checkpoint_filter_fn, resample_pos_embed
+    from seglstm.models.vil import VisionLSTM, checkpoint_filter_fn, resample_pos_embed
 
     own = module.state_dict()
     # Lightning wraps the segmentor as `model.`; strip it when the module does not.
