@@ -16,7 +16,6 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
 
-import tests.test_reliability_helpers  # noqa: F401  (registers rel_tiny_seg)
 from seglstm.cli.lightning import ConfigValueError, best_checkpoint, newest_checkpoint
 from seglstm.cli.main import main as seglstm
 from seglstm.data.datamodule import SegDataModule
@@ -24,7 +23,9 @@ from seglstm.training.callbacks import AtomicCheckpointIO, RunCheckpoint, read_i
 from seglstm.training.task import SegmentationTask
 from seglstm.training.trainer import SegTrainer
 from seglstm.utils.io import torch_load
-from tests.test_reliability_helpers import make_synth, write_config
+from tests.reliability_helpers import make_synth, write_config
+
+pytestmark = pytest.mark.usefixtures("rel_tiny_seg")
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,7 +125,7 @@ def test_signal_mid_step_writes_last_and_auto_resume_finishes(
     cfg = _signal_config(tmp_path, data, signum)
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     child = subprocess.run(
-        [sys.executable, "-m", "tests.test_reliability_helpers", "fit", "--config", str(cfg),
+        [sys.executable, "-m", "tests.reliability_helpers", "fit", "--config", str(cfg),
          "--allow-class-path", "tests"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
