@@ -1,7 +1,8 @@
 """Shared pieces of the reliability tests: a tiny segmentor that can be told to go non-finite on chosen steps
 (registered as ``rel_tiny_seg`` by the ``rel_tiny_seg`` fixture in conftest.py, or by
-:func:`register_rel_tiny_seg` in a child process), a synthetic LoveDA folder, a CLI config around them, and a
-checkpoint that runs code when unpickled. ``python -m tests.reliability_helpers fit ...`` is the CLI with
+:func:`register_rel_tiny_seg` in a child process), a synthetic LoveDA folder, a CLI config around them, a
+checkpoint that runs code when unpickled, and callbacks that kill or signal a child run (named by class
+path in its config). ``python -m tests.reliability_helpers fit ...`` is the CLI with
 ``rel_tiny_seg`` registered."""
 
 from __future__ import annotations
@@ -161,6 +162,17 @@ class DieOnce(Callback):
         first_attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) == 0
         if trainer.global_step == self.step and trainer.global_rank == self.rank and first_attempt:
             os._exit(17)
+
+
+class SignalAt(Callback):
+    """Sends ``signum`` to its own process in the middle of training step ``step`` (before the backward)."""
+
+    def __init__(self, step: int = 3, signum: int = 2) -> None:
+        self.step, self.signum = step, signum
+
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
+        if trainer.global_step + 1 == self.step and int(os.environ.get("SIGNAL_AT_ON", "1")):
+            os.kill(os.getpid(), self.signum)
 
 
 if __name__ == "__main__":  # `python -m tests.reliability_helpers fit ...`: the CLI with rel_tiny_seg

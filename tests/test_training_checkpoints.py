@@ -61,17 +61,6 @@ class SpyIO(AtomicCheckpointIO):
         self.saved.append((Path(path).name, int(checkpoint["global_step"])))
 
 
-class SignalAt(Callback):
-    """Sends ``signum`` to its own process in the middle of training step ``step`` (before the backward)."""
-
-    def __init__(self, step: int = 3, signum: int = 2) -> None:
-        self.step, self.signum = step, signum
-
-    def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
-        if trainer.global_step + 1 == self.step and int(os.environ.get("SIGNAL_AT_ON", "1")):
-            os.kill(os.getpid(), self.signum)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_synth(tmp_path_factory.mktemp("ckpt") / "loveda")
@@ -111,7 +100,7 @@ def _signal_config(tmp_path: Path, data: Path, signum: int, max_steps: int = 6) 
     doc["trainer"]["callbacks"] = [
         {"class_path": "seglstm.training.callbacks.RunCheckpoint",
          "init_args": {"filename": "iter_{step}", "every_n_train_steps": 1000, "save_last": True}},
-        {"class_path": "tests.test_training_checkpoints.SignalAt", "init_args": {"step": 3, "signum": int(signum)}},
+        {"class_path": "tests.reliability_helpers.SignalAt", "init_args": {"step": 3, "signum": int(signum)}},
     ]  # fmt: skip
     cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
     return cfg
