@@ -2,8 +2,9 @@
 LoveDA-like dataset, and the model registry restored after each test.
 
 Independent references (float64 formulas, second implementations) live in ``tests/references/``; file-tree
-builders for the data tests in ``tests/data_helpers.py``. Test modules import from those, never from each
-other.
+builders for the data tests in ``tests/data_helpers.py``, the scene tests' rasters and rule models in
+``tests/scene_helpers.py``, the reliability tests' tiny segmentor and configs in ``tests/reliability_helpers.py``.
+Test modules import from those, never from each other.
 """
 
 from __future__ import annotations
@@ -90,6 +91,18 @@ def _restore(saved: tuple[dict, dict]) -> None:
 def _restore_registry() -> Iterator[None]:
     """Undo any preset a test registers in the production registry, so no test sees another's models."""
     saved = _snapshot()
+    yield
+    _restore(saved)
+
+
+@pytest.fixture(scope="module")
+def rel_tiny_seg() -> Iterator[None]:
+    """The reliability tests' ``rel_tiny_seg`` preset, for one test module (its module-scoped runs need it
+    before the first test starts); removed when the module ends."""
+    from tests.reliability_helpers import register_rel_tiny_seg
+
+    saved = _snapshot()
+    register_rel_tiny_seg()
     yield
     _restore(saved)
 

@@ -37,6 +37,16 @@ def test_registrations_are_gone_after_the_test():
     assert "seglstm_upernet_s" in names  # the built-in presets stay
 
 
+def test_importing_test_helpers_registers_nothing():
+    """Test presets come from fixtures, so importing (collecting) the modules that define them leaves the
+    registry alone (test_training_task.py is collected with the whole suite)."""
+    from tests import reliability_helpers
+
+    assert callable(reliability_helpers.rel_tiny_seg)
+    names = set(list_models())
+    assert "rel_tiny_seg" not in names and "tiny_standin_seg" not in names
+
+
 def test_fake_clock_moves_only_forward(fake_clock):
     assert fake_clock() == 0.0
     fake_clock.advance(2.5)

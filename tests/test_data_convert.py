@@ -17,7 +17,7 @@ from PIL import Image
 from seglstm.cli.convert import main as convert_cli
 from seglstm.data import DataError, Potsdam, Vaihingen
 from seglstm.data.convert import LABEL_COLOURS, POTSDAM_SPLITS, colour_to_label, convert_isprs, window_starts
-from tests.test_reliability_helpers import tree_digest
+from tests.reliability_helpers import tree_digest
 
 COLOURS = list(LABEL_COLOURS)  # index = stored value
 pytestmark = pytest.mark.filterwarnings("ignore:.*of mmseg's tiles are missing")

@@ -178,3 +178,44 @@ def test_one_implementation():
     assert trainer.wants_cuda is dv.wants_cuda
     assert measure.resolve_device is dv.resolve_device
     assert measure.amp_dtype is dv.amp_dtype
+
+
+def test_one_implementation_in_scene_and_compare():
+    """Scene inference and the comparison study resolve devices here too, not with their own CUDA checks."""
+    from seglstm.inference.scene import predictor
+    from seglstm.study import compare
+
+    assert predictor.resolve_device is dv.resolve_device
+    assert compare.resolve_device is dv.resolve_device
+    assert compare.cuda_available is dv.cuda_available
+
+
+def test_scene_device_errors_are_scene_errors(no_gpu):
+    from seglstm.inference.scene import SceneError, ScenePredictor
+
+    with pytest.raises(SceneError, match=r"--device 'cuda:0': CUDA is not available"):
+        ScenePredictor(torch.nn.Identity(), [0.0], [1.0], ["a"], [(0, 0, 0)], tile=64, overlap=0, device="cuda:0")
+    with pytest.raises(SceneError, match=r"--device 'gpu0': not a device"):
+        ScenePredictor(torch.nn.Identity(), [0.0], [1.0], ["a"], [(0, 0, 0)], tile=64, overlap=0, device="gpu0")
+    assert ScenePredictor(torch.nn.Identity(), [0.0], [1.0], ["a"], [(0, 0, 0)], tile=64, overlap=0).device == (
+        torch.device("cpu")
+    )
+
+
+def test_compare_devices_with_and_without_cuda(no_gpu, monkeypatch):
+    from seglstm.study import compare
+
+    with pytest.raises(ValueError, match=r"--accelerator 'cuda': CUDA is not available"):
+        compare.parse_devices("1", "cuda")
+    assert compare.parse_devices("auto", "auto") == ("cpu", 1, "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    before = torch.get_float32_matmul_precision()
+    try:
+        assert compare.parse_devices("auto", "auto") == ("cuda", [0], "cuda:0")
+        assert compare.parse_devices("1,", "gpu") == ("cuda", [1], "cuda:1")
+        assert compare.parse_devices("[1]", "cuda") == ("cuda", [1], "cuda:1")
+        with pytest.raises(ValueError, match=r"--devices 'cuda:2': only 2 CUDA device\(s\) visible"):
+            compare.parse_devices("cuda:2", "auto")
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -4,7 +4,6 @@ failing data items and DDP timeouts, each through the public API or CLI."""
 from __future__ import annotations
 
 import collections
-import pathlib
 import sys
 import types
 from datetime import timedelta
@@ -34,24 +33,9 @@ from seglstm.training.faults import (
 from seglstm.training.task import SegmentationTask
 from seglstm.training.trainer import SegTrainer
 from seglstm.utils.io import CorruptCheckpointError, UnsafeCheckpointError, torch_load
-from tests.test_reliability_helpers import RelTinySeg, make_synth, write_config
+from tests.reliability_helpers import RelTinySeg, make_synth, malicious_checkpoint, write_config
 
-
-class Payload:
-    """Unpickling this calls ``Path.touch`` on ``target``: harmless, but proof that code ran."""
-
-    def __init__(self, target: Path) -> None:
-        self.target = target
-
-    def __reduce__(self):
-        return (pathlib.Path.touch, (pathlib.Path(self.target),))
-
-
-def malicious_checkpoint(path: Path, marker: Path) -> Path:
-    """A checkpoint whose tensors are fine but whose metadata runs code when fully unpickled."""
-    model = RelTinySeg(3)
-    torch.save({"state_dict": model.state_dict(), "meta": {"note": Payload(marker)}}, path)
-    return path
+pytestmark = pytest.mark.usefixtures("rel_tiny_seg")
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,9 @@ from seglstm.models.checkpoint import load_pretrained
 from seglstm.training.callbacks import StepProgressBar
 from seglstm.training.task import META_KEY
 from seglstm.utils.io import CorruptCheckpointError, torch_load
-from tests.test_reliability_helpers import RelTinySeg, damage, make_synth, write_config
+from tests.reliability_helpers import RelTinySeg, damage, make_synth, write_config
+
+pytestmark = pytest.mark.usefixtures("rel_tiny_seg")
 
 
 @pytest.fixture(scope="module")

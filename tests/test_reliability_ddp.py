@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from seglstm.utils.io import torch_load
-from tests.test_reliability_helpers import make_synth, write_config
+from tests.reliability_helpers import make_synth, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -26,7 +26,7 @@ def _ddp_config(tmp_path: Path, timeout_s: float, die: bool = True) -> Path:
     doc = yaml.safe_load(cfg.read_text())
     doc["trainer"].update(devices=2, strategy="ddp", ddp_timeout=timeout_s)
     if die:
-        doc["trainer"]["callbacks"].append({"class_path": "tests.test_reliability_helpers.DieOnce"})
+        doc["trainer"]["callbacks"].append({"class_path": "tests.reliability_helpers.DieOnce"})
     cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
     return cfg
 
@@ -40,8 +40,8 @@ def _env() -> dict[str, str]:
 
 def _fit_args(cfg: Path) -> list[str]:
     """``seglstm fit`` with the helpers' registered model, as each launcher starts it (after ``python``)."""
-    return ["-m", "tests.test_reliability_helpers", "fit", "--config", str(cfg),
-            "--allow-class-path", "tests.test_reliability_helpers"]  # fmt: skip
+    return ["-m", "tests.reliability_helpers", "fit", "--config", str(cfg),
+            "--allow-class-path", "tests.reliability_helpers"]  # fmt: skip
 
 
 def test_a_dead_rank_makes_the_other_fail_instead_of_hanging(tmp_path):

@@ -15,7 +15,9 @@ import torch
 
 from seglstm.cli.main import main as seglstm
 from seglstm.utils.io import torch_load
-from tests.test_reliability_helpers import make_synth, write_config
+from tests.reliability_helpers import make_synth, write_config
+
+pytestmark = pytest.mark.usefixtures("rel_tiny_seg")
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,8 +28,9 @@ CHILD = textwrap.dedent(
     import io, sys, time
     from pathlib import Path
     import torch
-    import tests.test_reliability_helpers  # registers rel_tiny_seg
+    from tests.reliability_helpers import register_rel_tiny_seg
     from seglstm.cli.main import main
+    register_rel_tiny_seg()
 
     cfg, marker = sys.argv[1], Path(sys.argv[2])
     real_save, calls = torch.save, [0]

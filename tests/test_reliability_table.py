@@ -28,8 +28,16 @@ from seglstm.inference.loading import load_segmentor
 from seglstm.models.checkpoint import load_pretrained
 from seglstm.training.task import META_KEY
 from seglstm.utils.io import torch_load
-from tests.test_reliability import malicious_checkpoint
-from tests.test_reliability_helpers import RelTinySeg, damage, make_synth, tree_digest, write_config
+from tests.reliability_helpers import (
+    RelTinySeg,
+    damage,
+    make_synth,
+    malicious_checkpoint,
+    tree_digest,
+    write_config,
+)
+
+pytestmark = pytest.mark.usefixtures("rel_tiny_seg")
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "reliability.md"
 

@@ -16,7 +16,6 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
 
-import tests.test_reliability_helpers  # noqa: F401  (registers rel_tiny_seg)
 from seglstm.cli.lightning import ConfigValueError, best_checkpoint, newest_checkpoint
 from seglstm.cli.main import main as seglstm
 from seglstm.data.datamodule import SegDataModule
@@ -24,7 +23,9 @@ from seglstm.training.callbacks import AtomicCheckpointIO, RunCheckpoint, read_i
 from seglstm.training.task import SegmentationTask
 from seglstm.training.trainer import SegTrainer
 from seglstm.utils.io import torch_load
-from tests.test_reliability_helpers import make_synth, write_config
+from tests.reliability_helpers import make_synth, write_config
+
+pytestmark = pytest.mark.usefixtures("rel_tiny_seg")
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,17 +59,6 @@ class SpyIO(AtomicCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         super().save_checkpoint(checkpoint, path, storage_options)
         self.saved.append((Path(path).name, int(checkpoint["global_step"])))
-
-
-class SignalAt(Callback):
-    """Sends ``signum`` to its own process in the middle of training step ``step`` (before the backward)."""
-
-    def __init__(self, step: int = 3, signum: int = 2) -> None:
-        self.step, self.signum = step, signum
-
-    def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
-        if trainer.global_step + 1 == self.step and int(os.environ.get("SIGNAL_AT_ON", "1")):
-            os.kill(os.getpid(), self.signum)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +100,7 @@ def _signal_config(tmp_path: Path, data: Path, signum: int, max_steps: int = 6) 
     doc["trainer"]["callbacks"] = [
         {"class_path": "seglstm.training.callbacks.RunCheckpoint",
          "init_args": {"filename": "iter_{step}", "every_n_train_steps": 1000, "save_last": True}},
-        {"class_path": "tests.test_training_checkpoints.SignalAt", "init_args": {"step": 3, "signum": int(signum)}},
+        {"class_path": "tests.reliability_helpers.SignalAt", "init_args": {"step": 3, "signum": int(signum)}},
     ]  # fmt: skip
     cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
     return cfg
@@ -124,7 +114,7 @@ def test_signal_mid_step_writes_last_and_auto_resume_finishes(
     cfg = _signal_config(tmp_path, data, signum)
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     child = subprocess.run(
-        [sys.executable, "-m", "tests.test_reliability_helpers", "fit", "--config", str(cfg),
+        [sys.executable, "-m", "tests.reliability_helpers", "fit", "--config", str(cfg),
          "--allow-class-path", "tests"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip

@@ -16,7 +16,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from seglstm.inference.loading import load_segmentor
 from seglstm.metrics import SegmentationMetrics
-from seglstm.models.registry import register_model
 from seglstm.training.callbacks import RunCheckpoint, SegPredictionWriter, TestReportWriter
 from seglstm.training.optim import WarmupPoly
 from seglstm.training.task import META_KEY, SegmentationTask
@@ -53,9 +52,14 @@ class TinySeg(nn.Module):
         return logits
 
 
-@register_model
 def tiny_standin_seg(num_classes: int, width: int = 8) -> TinySeg:
     return TinySeg(num_classes, width)
+
+
+@pytest.fixture(autouse=True)
+def _tiny_standin_seg(registry) -> None:
+    """Every test here builds ``tiny_standin_seg`` by name; it is a preset for the test's duration only."""
+    registry.model(tiny_standin_seg)
 
 
 class _Images(Dataset):

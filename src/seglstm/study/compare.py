@@ -26,12 +26,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
 from seglstm.study.jobs import evaluate_job, train_job
 from seglstm.study.measure import complexity, inference_speed, machine_info, run_isolated, training_speed
 from seglstm.study.tables import build_row, model_dir_name, table_columns, write_outputs
+from seglstm.utils.device import cuda_available, resolve_device, wants_cuda
 from seglstm.utils.io import atomic_write_text
 
 __all__ = [
@@ -89,9 +89,9 @@ def parse_devices(text: str | int, accelerator: str = "auto") -> tuple[str, Any,
     acc = accelerator.lower()
     if acc not in ("auto", "cpu", "cuda", "gpu"):
         raise ValueError(f"--accelerator {accelerator!r}: expected auto, cpu, cuda or gpu")
-    cuda = acc in ("cuda", "gpu") or (acc == "auto" and torch.cuda.is_available())
-    if acc in ("cuda", "gpu") and not torch.cuda.is_available():
-        raise ValueError(f"--accelerator {accelerator}: CUDA is not available on this machine")
+    cuda = wants_cuda(acc)
+    if cuda and not cuda_available():
+        raise ValueError(f"--accelerator {accelerator!r}: CUDA is not available on this machine")
     index: int | None = None
     if spec in ("auto", "1"):
         index = 0
@@ -108,9 +108,8 @@ def parse_devices(text: str | int, accelerator: str = "auto") -> tuple[str, Any,
         if index != 0:
             raise ValueError(f"--devices {text!r}: a GPU index needs CUDA")
         return "cpu", 1, "cpu"
-    if index >= torch.cuda.device_count():
-        raise ValueError(f"--devices {text!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
-    return "cuda", [index], f"cuda:{index}"
+    dev = resolve_device(f"cuda:{index}", what="--devices")
+    return "cuda", [index], str(dev)
 
 
 # -- data config ----------------------------------------------------------------------------------------

@@ -34,7 +34,6 @@ from seglstm.inference.scene.predictor import (
     ScenePredictor,
     SceneResult,
     _model_digest,
-    _resolve_device,
     predict_scene,
 )
 from seglstm.inference.scene.scaling import ScaleSpec, compute_scaling, parse_bands, parse_scale
@@ -57,7 +56,6 @@ __all__ = [
     "TileGrid",
     "VectorSpec",
     "_model_digest",
-    "_resolve_device",
     "compute_scaling",
     "open_input",
     "parse_bands",

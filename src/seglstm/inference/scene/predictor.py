@@ -35,6 +35,7 @@ from seglstm.inference.scene.scaling import Normaliser, ScaleSpec, compute_scali
 from seglstm.inference.scene.source import InputOptions, SceneInput, is_remote, open_input
 from seglstm.inference.scene.vector import VectorSpec, write_vector
 from seglstm.inference.scene.writers import NODATA, Georef, Products, write_rasters
+from seglstm.utils.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +57,6 @@ class SceneResult:
     seconds: float
     vector: Path | None = None
     polygons: int = 0
-
-
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SceneError(f"--device {device}: CUDA is not available on this machine")
-    return dev
 
 
 def _check_writable(path: Path, what: str) -> None:
@@ -200,7 +192,10 @@ class ScenePredictor:
             raise SceneError(f"buffer_mb must be positive, got {buffer_mb}")
         plan_tiles(tile, tile, tile, overlap)  # validates tile and overlap up front
         window_weight(1, 1, weight_floor)
-        self.device = _resolve_device(device)
+        try:
+            self.device = resolve_device(device, what="--device")
+        except ValueError as err:
+            raise SceneError(str(err)) from err
         self.model = model.to(self.device).eval()
         self.mean, self.std = [float(m) for m in mean], [float(s) for s in std]
         self.classes = [str(c) for c in classes]

@@ -1,11 +1,16 @@
-"""Shared pieces of the reliability tests: a tiny registered segmentor that can be told to go non-finite on
-chosen steps, a synthetic LoveDA folder and a CLI config around them (child processes import this too)."""
+"""Shared pieces of the reliability tests: a tiny segmentor that can be told to go non-finite on chosen steps
+(registered as ``rel_tiny_seg`` by the ``rel_tiny_seg`` fixture in conftest.py, or by
+:func:`register_rel_tiny_seg` in a child process), a synthetic LoveDA folder, a CLI config around them, a
+checkpoint that runs code when unpickled, and callbacks that kill or signal a child run (named by class
+path in its config). ``python -m tests.reliability_helpers fit ...`` is the CLI with
+``rel_tiny_seg`` registered."""
 
 from __future__ import annotations
 
 import hashlib
 import math
 import os
+import pathlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -66,11 +71,31 @@ class RelTinySeg(nn.Module):
         return self(img)
 
 
-if "rel_tiny_seg" not in list_models():
+def rel_tiny_seg(num_classes: int, **kwargs: Any) -> RelTinySeg:
+    return RelTinySeg(num_classes, **kwargs)
 
-    @register_model
-    def rel_tiny_seg(num_classes: int, **kwargs: Any) -> RelTinySeg:
-        return RelTinySeg(num_classes, **kwargs)
+
+def register_rel_tiny_seg() -> None:
+    """Make ``rel_tiny_seg`` a model preset (the configs of :func:`write_config` name it)."""
+    if "rel_tiny_seg" not in list_models():
+        register_model(rel_tiny_seg)
+
+
+class Payload:
+    """Unpickling this calls ``Path.touch`` on ``target``: harmless, but proof that code ran."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.target),))
+
+
+def malicious_checkpoint(path: Path, marker: Path) -> Path:
+    """A checkpoint whose tensors are fine but whose metadata runs code when fully unpickled."""
+    model = RelTinySeg(3)
+    torch.save({"state_dict": model.state_dict(), "meta": {"note": Payload(marker)}}, path)
+    return path
 
 
 def make_synth(root: Path, train: int = 4, val: int = 2, size: int = 32) -> Path:
@@ -139,7 +164,19 @@ class DieOnce(Callback):
             os._exit(17)
 
 
-if __name__ == "__main__":  # `python -m tests.test_reliability_helpers fit ...`: the CLI with rel_tiny_seg
+class SignalAt(Callback):
+    """Sends ``signum`` to its own process in the middle of training step ``step`` (before the backward)."""
+
+    def __init__(self, step: int = 3, signum: int = 2) -> None:
+        self.step, self.signum = step, signum
+
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
+        if trainer.global_step + 1 == self.step and int(os.environ.get("SIGNAL_AT_ON", "1")):
+            os.kill(os.getpid(), self.signum)
+
+
+if __name__ == "__main__":  # `python -m tests.reliability_helpers fit ...`: the CLI with rel_tiny_seg
     from seglstm.cli.main import main
 
+    register_rel_tiny_seg()
     sys.exit(main(sys.argv[1:]))
