@@ -78,7 +78,8 @@ def test_torchrun_elastic_restart_resumes_from_last_checkpoint(tmp_path, rendezv
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "resuming from" in proc.stderr and "auto-resume" in proc.stderr
+    assert "auto-resume from" in proc.stderr, proc.stderr[-4000:]
+    assert "Restoring states from the checkpoint path at" in proc.stderr
     assert torch_load(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 4
 
 
