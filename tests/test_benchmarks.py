@@ -15,6 +15,7 @@ from seglstm.study.measure import run_isolated
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import encoder_speed
 import scaling
 import training_throughput
 
@@ -145,3 +146,31 @@ def test_mamba_upernet_trains_under_a_memory_cap_with_the_chunked_scan():
     assert 0 < chunked["peak_mib"] < 3 * 1024
     whole = run_isolated(capped_training_speed, timeout=1800, overrides={"scan_chunk_size": None}, **common)
     assert "memory" in whole.get("error", "").lower(), whole
+
+
+def test_encoder_speed_ratios_compare_within_one_precision_and_bf16_to_fp32():
+    def row(model, precision, side, seconds=None):
+        r = {"model": model, "precision": precision, "side": side}
+        return r if seconds is None else {**r, "seconds": seconds}
+
+    rows = [
+        row("vil_s/chunkwise", "fp32", 512, 2.0), row("swin_t (timm)", "fp32", 512, 1.6),
+        row("vil_s/chunkwise", "bf16", 512, 0.8), row("swin_t (timm)", "bf16", 512, 1.0),
+        row("vil_s/parallel", "fp32", 512), row("vil_s/parallel", "bf16", 512, 3.0),  # fp32 row failed
+    ]  # fmt: skip
+    got = {(r["side"], r["precision"], r["ratio"]): r["value"] for r in
+           encoder_speed.ratios(rows, [512], ["fp32", "bf16"])}
+    assert got == {
+        (512, "fp32", "vil_s/chunkwise / swin_t (timm)"): pytest.approx(1.25),
+        (512, "bf16", "vil_s/chunkwise / swin_t (timm)"): pytest.approx(0.8),
+        (512, "bf16", "vil_s/chunkwise / vil_s/parallel"): pytest.approx(0.8 / 3.0),
+        (512, "-", "vil_s/chunkwise fp32/bf16"): pytest.approx(2.5),
+        (512, "-", "swin_t (timm) fp32/bf16"): pytest.approx(1.6),
+    }
+
+
+@pytest.mark.parametrize("model", ["vil_s/chunkwise", "swin_t (timm)"])
+def test_encoder_speed_measures_each_model_in_bf16_at_a_side_the_window_does_not_divide(model):
+    """Swin-T at 96 (24 patches, window 7: padded, not its 224 default) and vil_s, under CPU bf16 autocast."""
+    res = encoder_speed.measure(model, 96, "cpu", slow=True, precision="bf16")
+    assert res["seconds"] > 0 and res["peak_mib"] >= 0

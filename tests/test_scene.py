@@ -418,7 +418,7 @@ def test_cli_runs_reports_errors_and_resumes(tmp_path, rng, fake_loader, capsys)
     src = write_tif(tmp_path / "in.tif", raw)
     out = tmp_path / "res" / "out.tif"
     base = ["predict-scene", "--ckpt", "m.pth", str(src), str(out), "--tile", "128", "--overlap", "32",
-            "--batch-size", "3", "--device", "cpu", "--buffer-mb", "1", "--quiet", "--bands"]
+            "--batch-size", "3", "--device", "cpu", "--buffer-mb", "1", "--quiet", "--precision", "fp32", "--bands"]
 
     assert seglstm([*base, "1,2,9"]) == 2
     assert "--bands: band(s) [9] out of range" in capsys.readouterr().err
@@ -454,7 +454,7 @@ def test_cli_with_a_real_checkpoint_matches_the_model_on_a_one_window_scene(tmp_
     src = write_tif(tmp_path / "in.tif", raw)
     out = tmp_path / "out.tif"
     assert cli(["predict-scene", "--ckpt", str(ckpt), str(src), str(out), "--tile", "128", "--quiet",
-                "--device", "cpu"]) == 0
+                "--device", "cpu", "--precision", "fp32"]) == 0
     x = (torch.from_numpy(raw).float() - torch.tensor(MEAN3).view(3, 1, 1)) / torch.tensor(STD3).view(3, 1, 1)
     with torch.no_grad():
         expected = model(x[None]).argmax(1)[0].numpy()

@@ -291,7 +291,8 @@ def test_cli_tiling_choice_is_printed_and_tiny_tiles_refused(tmp_path, rng, fake
     raw = regions(rng, (300, 270))
     src = write_tif(tmp_path / "in.tif", raw)
     out = tmp_path / "out.tif"
-    base = ["predict-scene", "--ckpt", "m.ckpt", str(src), str(out), "--device", "cpu", "--quiet"]
+    base = ["predict-scene", "--ckpt", "m.ckpt", str(src), str(out), "--device", "cpu", "--quiet",
+            "--precision", "fp32"]
     assert seglstm([*base, "--tile", "7"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--tile 7 is below the model's patch size 8" in err

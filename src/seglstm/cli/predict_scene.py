@@ -54,7 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=int, default=None, help="overlap between windows in pixels (default tile / 4)")
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
-    p.add_argument("--no-amp", action="store_true", help="run CUDA in float32 instead of autocast")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        help=(
+            "autocast dtype of the forward pass: auto, fp32, bf16 or fp16. auto = bf16 on CUDA (fp16 where "
+            "bf16 is unsupported) and on a CPU with native bf16 GEMMs (AVX512-BF16 or AMX), fp32 on other "
+            "CPUs (bf16 is emulated there and slower); the mLSTM cell always runs in fp32. An --onnx model runs in "
+            "the dtype it was exported in"
+        ),
+    )
     p.add_argument(
         "--scale",
         default="auto",
@@ -155,6 +164,11 @@ def main(argv: list[str]) -> int:
             vector.check()
         elif args.min_area or args.simplify:
             raise SceneError("--min-area and --simplify apply to polygons: add --vector OUT.gpkg")
+        if args.onnx and args.precision in ("bf16", "fp16"):
+            raise SceneError(
+                f"--precision {args.precision}: an ONNX model (--onnx) runs in the dtype it was exported in; "
+                "use --precision auto or fp32"
+            )
         model, meta = _load(args)
         tile, overlap = _tiling(args, model, meta)
         predictor = ScenePredictor(
@@ -167,7 +181,7 @@ def main(argv: list[str]) -> int:
             overlap=overlap,
             batch_size=args.batch_size,
             device=args.device,
-            amp=not args.no_amp,
+            precision="fp32" if args.onnx else args.precision,
             buffer_mb=args.buffer_mb,
             progress=not args.quiet,
         )

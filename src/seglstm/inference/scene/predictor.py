@@ -35,11 +35,12 @@ from seglstm.inference.scene.scaling import Normaliser, ScaleSpec, compute_scali
 from seglstm.inference.scene.source import InputOptions, SceneInput, is_remote, open_input
 from seglstm.inference.scene.vector import VectorSpec, write_vector
 from seglstm.inference.scene.writers import NODATA, Georef, Products, write_rasters
-from seglstm.utils.device import resolve_device
+from seglstm.utils.device import InferencePrecision, resolve_device, resolve_inference_precision
 
 log = logging.getLogger(__name__)
 
 GDAL_CACHE_MB = 64
+_DTYPE_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 @dataclass
@@ -149,7 +150,10 @@ class ScenePredictor:
         tile, overlap: sliding-window size and overlap in pixels.
         batch_size: windows per forward pass.
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
-        amp: autocast (bfloat16, or float16 where bf16 is unsupported) on CUDA; ignored on CPU.
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16``: the autocast dtype of the forward pass
+            (:func:`seglstm.utils.device.resolve_inference_precision`). ``auto`` is bf16 on CUDA (fp16 where
+            bf16 is unsupported) and on a CPU with native bf16 GEMMs (AVX512-BF16 or AMX), float32 on other
+            CPUs, where bf16 is emulated and slower. The mLSTM cell runs in float32 under any of them.
         weight_floor: smallest blending weight, at a window's corner.
         buffer_mb: memory for the strip buffer, which sets the strip width (never below two tiles).
         strip_width: force a strip width (multiple of 256) instead of deriving it from ``buffer_mb``.
@@ -168,7 +172,7 @@ class ScenePredictor:
         overlap: int = 256,
         batch_size: int = 4,
         device: str | torch.device = "auto",
-        amp: bool = True,
+        precision: InferencePrecision = "auto",
         weight_floor: float = 0.1,
         buffer_mb: float = 512.0,
         strip_width: int | None = None,
@@ -201,8 +205,11 @@ class ScenePredictor:
         self.classes = [str(c) for c in classes]
         self.palette = [tuple(int(v) for v in c) for c in palette]
         self.tile, self.overlap, self.batch_size = tile, overlap, batch_size
-        self.amp = amp and self.device.type == "cuda"
-        self.amp_dtype = torch.bfloat16 if self.amp and torch.cuda.is_bf16_supported() else torch.float16
+        try:
+            self.amp_dtype = resolve_inference_precision(precision, self.device, what="--precision")
+        except ValueError as err:
+            raise SceneError(str(err)) from err
+        log.info("precision %s on %s (--precision %s)", _DTYPE_NAMES[self.amp_dtype], self.device, precision)
         self.weight_floor, self.buffer_mb = weight_floor, buffer_mb
         self.strip_width, self.progress = strip_width, progress
 
@@ -281,7 +288,8 @@ class ScenePredictor:
                 "scaling": scaling, "mean": self.mean, "std": self.std, "classes": self.classes,
                 "tile": self.tile, "overlap": self.overlap, "batch_size": self.batch_size,
                 "strip_width": strip_width, "weight_floor": self.weight_floor, "probs": probs_path is not None,
-                "device": self.device.type, "amp": self.amp, "model": _model_digest(self.model),
+                "device": self.device.type, "precision": _DTYPE_NAMES[self.amp_dtype],
+                "model": _model_digest(self.model),
             })
             progress = partial.start(resume)
             tiles = plan_run(grid, strips)
@@ -357,7 +365,9 @@ class ScenePredictor:
     # --------------------------------------------------------------------------------------- inference
     def _forward(self, batch: np.ndarray, weight: torch.Tensor) -> np.ndarray:
         x = torch.from_numpy(batch).to(self.device, non_blocking=True)
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
+        with torch.inference_mode(), torch.autocast(
+            self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
+        ):
             logits = self.model(x)
         expected = (x.shape[0], self.num_classes, x.shape[2], x.shape[3])
         if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != expected:
