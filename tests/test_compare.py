@@ -266,6 +266,17 @@ def test_complexity_on_meta_matches_a_real_model():
     assert got == {"params": count_params(real), "flops": count_flops(real, (1, 3, 64, 64))}
 
 
+def test_complexity_of_a_vil_segmentor_on_meta_matches_a_real_model():
+    """The ViL layer switches autocast off around its cell; on ``meta`` (no autocast there) that is a no-op."""
+    overrides = {"depths": (1, 1, 1, 1), "embed_dim": 32}
+    torch.manual_seed(0)
+    real = create_model("seglstm_upernet_t", num_classes=5, **overrides)
+    got = measure.complexity("seglstm_upernet_t", 5, overrides, size=64)
+    assert got["params"] == count_params(real)
+    # the CPU inference path folds the normaliser into the value GEMM (one extra column): a few more FLOPs
+    assert got["flops"] == pytest.approx(count_flops(real, (1, 3, 64, 64)), rel=1e-3)
+
+
 def test_time_call_is_the_median_after_warmup(fake_clock):
     calls = []
     durations = iter([0.2, 0.01, 0.05, 0.03])

@@ -18,6 +18,7 @@ resolution, and the chunk GEMMs accumulate the states. ``mlstm`` returns h in th
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Literal
 
@@ -42,6 +43,14 @@ def wants_triton(x: torch.Tensor, kernel: KernelChoice) -> bool:
     if kernel == "triton":
         return x.is_cuda or backends.triton_interpreted()
     return kernel == "auto" and x.is_cuda and not torch.is_grad_enabled()
+
+
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast switched off on ``device_type``; a no-op where torch has no autocast (``meta``, used to count
+    FLOPs without arithmetic)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def state_dtype(x: torch.Tensor) -> torch.dtype:
@@ -95,7 +104,7 @@ def mlstm(
     if backend not in BACKENDS:
         raise ValueError(f"mlstm_backend must be one of {BACKENDS}, got {backend!r}")
     dtype = state_dtype(q)
-    with torch.autocast(q.device.type, enabled=False):
+    with autocast_off(q.device.type):
         q, k, v, i, f = (t.to(dtype) for t in (q, k, v, i, f))
         if backend == "chunkwise":
             return _chunkwise(q, k, v, i, f, chunk_size=chunk_size, eps=eps, kernel=kernel).to(dtype)

@@ -11,7 +11,14 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 
-from seglstm.models.vil.dispatch import BACKENDS, Backend, KernelChoice, state_dtype, wants_triton
+from seglstm.models.vil.dispatch import (
+    BACKENDS,
+    Backend,
+    KernelChoice,
+    autocast_off,
+    state_dtype,
+    wants_triton,
+)
 from seglstm.models.vil.fused import fused_forward
 from seglstm.models.vil.modules import BlockDiagonalLinear, CausalConv1d, MLSTMCell, OffsetLayerNorm
 
@@ -71,8 +78,9 @@ class ViLLayer(nn.Module):
         the norm) runs in float32 with autocast off, so no in-place or ``out=`` call ever mixes dtypes.
         """
         dev = x.device.type
-        amp = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-        with torch.autocast(dev, enabled=False):
+        autocast = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
+        amp = torch.get_autocast_dtype(dev) if autocast else None
+        with autocast_off(dev):
             x = x.to(state_dtype(self.proj_up.weight))
             if self.mlstm_backend == "chunkwise" and not wants_triton(x, self.mlstm_kernel):
                 return fused_forward(self, x, amp)
