@@ -113,3 +113,13 @@ def registry() -> Iterator[RegistryScope]:
     saved = _snapshot()
     yield RegistryScope()
     _restore(saved)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: toy models run tiny kernels, where extra threads only spin (and halve the speed on a
+    busy CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

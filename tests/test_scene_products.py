@@ -37,12 +37,7 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(4321)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def regions(rng, shape, count=3, noise=6.0) -> np.ndarray:

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import rasterio
 import rasterio.shutil
-import torch
 
 from seglstm.inference.scene import InputOptions, SceneError, open_input
 from tests.scene_helpers import MEAN3, STD3, T4, U3, RuleModel, read, rule_reference, run, write_tif
@@ -91,12 +90,7 @@ def gdal_http():
         yield
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cog(src: Path, dst: Path) -> Path:
