@@ -228,7 +228,7 @@ def _cell_inputs(shape: tuple[int, int, int, int], seed: int):
 
 def _run_cell(xs, w, backend: str, kernel: str, device, dtype, grad: bool):
     torch = _torch()
-    from seglstm.models.mlstm import mlstm
+    from seglstm.models.vil import mlstm
 
     ins = [x.to(device=device, dtype=dtype).detach().requires_grad_(grad) for x in xs]
     with torch.set_grad_enabled(grad):
@@ -249,7 +249,7 @@ def _reference(shape, seed):
 def _check_cell(name: str, ref, backend: str, kernel: str, dtype, triton_stage: bool = False) -> bool:
     """One case: no-grad forward, then forward + backward; False when the CUDA context is lost."""
     torch = _torch()
-    from seglstm.models.mlstm import wants_triton
+    from seglstm.models.vil import wants_triton
 
     xs, w, ref_h, ref_g = ref
     dev = torch.device(_dev())
@@ -325,7 +325,7 @@ def stage_triton() -> None:
 def stage_amp() -> None:
     """bf16 autocast against float32 on a small ViL encoder (head dim 64): training and inference."""
     torch = _torch()
-    from seglstm.models.vision_lstm import VisionLSTM
+    from seglstm.models.vil import VisionLSTM
 
     size = 64 if _tiny() else 256
     torch.manual_seed(0)

@@ -2,7 +2,7 @@
 ``torch.export`` program (``.pt2``), at a fixed tile and batch.
 
 torch.onnx's exporter has no ONNX function for ``aten.cummax``, which the chunkwise mLSTM's stabiliser
-uses over the chunk axis (``models/mlstm.py``: ``(amax - G).cummax(-1)``); :func:`_cummax` supplies one as a
+uses over the chunk axis (``models/vil/mlstm.py``: ``(amax - G).cummax(-1)``); :func:`_cummax` supplies one as a
 masked running maximum (``O(n^2)`` in the number of chunks, which is small: 16 for a 512 tile at patch 16).
 The data facts inference needs (classes, palette, normalisation, tile, patch size) travel in the ONNX
 file's metadata, so the file is all ``predict-scene`` needs.
