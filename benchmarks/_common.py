@@ -1,5 +1,5 @@
-"""What the benchmark scripts share beyond the measurements: the OpenMP wait-policy option, the printed
-table and the JSON file.
+"""What the benchmark scripts share beyond the measurements: the printed table and the JSON file (nothing
+here imports seglstm at load time, so a script can measure an older source tree: compare_trees.py).
 
 The measurements themselves (``time_call``, ``run_isolated``, ``memory_baseline``/``peak_memory_mib``,
 ``machine_info``) are ``seglstm.study.measure``, the code ``seglstm compare`` measures with: every
@@ -13,10 +13,6 @@ import json
 import sys
 from pathlib import Path
 from typing import Any
-
-# re-exported for the benchmark scripts
-from seglstm.utils.threads import add_omp_wait_policy as add_omp_wait_policy
-from seglstm.utils.threads import apply_omp_wait_policy as apply_omp_wait_policy
 
 
 def print_table(rows: list[dict[str, Any]], columns: list[str]) -> str:

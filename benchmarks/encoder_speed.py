@@ -28,10 +28,11 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_omp_wait_policy, apply_omp_wait_policy, print_table, write_json
+from _common import print_table, write_json
 
 from seglstm.study.measure import machine_info, memory_baseline, peak_memory_mib, run_isolated, time_call
 from seglstm.utils.device import cpu_has_native_bf16
+from seglstm.utils.threads import add_omp_wait_policy, apply_omp_wait_policy
 
 MODELS = {
     "vil_s/chunkwise": ("vil_s", {"mlstm_backend": "chunkwise"}),

@@ -20,9 +20,10 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_omp_wait_policy, apply_omp_wait_policy, print_table, write_json
+from _common import print_table, write_json
 
 from seglstm.study.measure import machine_info, memory_baseline, peak_memory_mib, run_isolated
+from seglstm.utils.threads import add_omp_wait_policy, apply_omp_wait_policy
 
 BACKENDS = ("chunkwise", "parallel")
 

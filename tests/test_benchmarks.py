@@ -15,6 +15,7 @@ from seglstm.study.measure import run_isolated
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import compare_trees
 import encoder_speed
 import scaling
 import training_throughput
@@ -174,3 +175,17 @@ def test_encoder_speed_measures_each_model_in_bf16_at_a_side_the_window_does_not
     """Swin-T at 96 (24 patches, window 7: padded, not its 224 default) and vil_s, under CPU bf16 autocast."""
     res = encoder_speed.measure(model, 96, "cpu", slow=True, precision="bf16")
     assert res["seconds"] > 0 and res["peak_mib"] >= 0
+
+
+def test_compare_trees_takes_the_minimum_per_tree_and_the_ratio_and_refuses_mismatched_rows():
+    def rows(*ms):
+        return [{"backend": b, "tokens": 64, "cpu_ms": m} for b, m in zip(("chunkwise", "parallel"), ms)]
+
+    runs = {"baseline": [rows(10.0, 40.0), rows(12.0, 36.0)], "current": [rows(9.0, 50.0), rows(11.0, 45.0)]}
+    table, columns = compare_trees.merge(runs)
+    assert columns == ["backend", "tokens", "cpu_ms baseline", "cpu_ms current", "cpu_ms ratio"]
+    assert [(r["cpu_ms baseline"], r["cpu_ms current"]) for r in table] == [(10.0, 9.0), (36.0, 45.0)]
+    assert [r["cpu_ms ratio"] for r in table] == pytest.approx([0.9, 1.25])
+    runs["current"][1][0]["tokens"] = 128
+    with pytest.raises(ValueError, match="row 0 differs"):
+        compare_trees.merge(runs)

@@ -169,25 +169,25 @@ def _randomize(module: torch.nn.Module, seed: int) -> None:
 def test_fused_layer_outputs_and_gradients_match_reference(reverse, seq):
     """Fused path vs the layer's reference forward: with the same chunkwise cell (the same stabilisers: the
     fusion alone must not change a bit more than rounding), and with mlstm_kernels' parallel cell (an
-    independent cell, outputs and every gradient)."""
+    independent cell, outputs and every gradient), which runs in the fused layout too."""
     layer = ViLLayer(16, reverse=reverse, chunk_size=8).double()
     _randomize(layer, seq + reverse)
-    ref_layer = ViLLayer(16, reverse=reverse, chunk_size=8, mlstm_backend="parallel").double()
-    ref_layer.load_state_dict(layer.state_dict())
+    par_layer = ViLLayer(16, reverse=reverse, chunk_size=8, mlstm_backend="parallel").double()
+    par_layer.load_state_dict(layer.state_dict())
     gen = torch.Generator().manual_seed(99)
     x = torch.randn(2, seq, 16, generator=gen, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(2, seq, 16, generator=gen, dtype=torch.float64)
     out = layer(x)
-    ref = layer.reference_forward(x)
-    assert _rel(out, ref) < 1e-9
-    ref = ref_layer(x)  # the parallel backend always takes the reference forward
-    assert _rel(out, ref) < 1e-7
-    params = dict(layer.named_parameters())
-    ref_params = dict(ref_layer.named_parameters())
-    grads = torch.autograd.grad((out * weight).sum(), [x, *params.values()])
-    ref_grads = torch.autograd.grad((ref * weight).sum(), [x, *ref_params.values()])
-    for name, g, r in zip(["x", *params], grads, ref_grads):
-        assert _rel(g, r) < 1e-6, name
+    assert _rel(out, layer.reference_forward(x)) < 1e-9
+    ref = par_layer.reference_forward(x)
+    par = par_layer(x)
+    assert _rel(out, ref) < 1e-7 and _rel(par, ref) < 1e-9
+    ref_grads = torch.autograd.grad((ref * weight).sum(), [x, *par_layer.parameters()])
+    for fused, got in ((layer, out), (par_layer, par)):
+        names = ["x", *dict(fused.named_parameters())]
+        grads = torch.autograd.grad((got * weight).sum(), [x, *fused.parameters()])
+        for name, g, r in zip(names, grads, ref_grads, strict=True):
+            assert _rel(g, r) < 1e-6, (fused.mlstm_backend, name)
     with torch.no_grad():  # the inference path: scratch buffers and in-place steps
         assert _rel(layer(x), out) < 1e-12
         with workspace():

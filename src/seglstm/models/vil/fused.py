@@ -1,5 +1,5 @@
-"""The fused CPU path of the ViL layer: the function of ``ViLLayer.reference_forward`` with the chunkwise
-cell, in a feature-major layout with folded weights, in place and in scratch buffers without autograd.
+"""The fused path of the ViL layer: the function of ``ViLLayer.reference_forward`` in a feature-major
+layout with folded weights, in place and in scratch buffers without autograd.
 
 Feature-major (B, channels, S): the GEMMs then read and write their operands without transposes, the
 causal convolution runs in PyTorch's native Conv1d layout, the gate pre-activations come from weights
@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from seglstm.models.vil.dispatch import mlstm
 from seglstm.models.vil.mlstm import chunk_length, chunkwise_feature_major, normaliser
 from seglstm.models.vil.workspace import scratch
 
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 
 
 def fused_forward(layer: ViLLayer, x: torch.Tensor, amp: torch.dtype | None) -> torch.Tensor:
-    """The layer (B, S, d) -> (B, S, d) with the chunkwise cell, in float32 with autocast off (see
+    """The layer (B, S, d) -> (B, S, d) with any cell but Triton's, in float32 with autocast off (see
     ``ViLLayer.forward``); ``amp``: the dtype of the two projections' GEMM operands, or None."""
     if layer.reverse:
         return _flip_tokens(_scan(layer, _flip_tokens(x, "layer.flip_in"), amp), "layer.flip_out")
@@ -39,8 +40,9 @@ def _scan(layer: ViLLayer, x: torch.Tensor, amp: torch.dtype | None) -> torch.Te
     nh, e = cell.num_heads, layer.learnable_skip.shape[0]
     dh = e // nh
     inplace = not torch.is_grad_enabled()
+    chunkwise = layer.mlstm_backend == "chunkwise"
     chunk = chunk_length(seq, layer.chunk_size)
-    pad = (-seq) % chunk
+    pad = (-seq) % chunk if chunkwise else 0
     if pad:  # exact for the kept tokens: conv and cell are causal
         x = F.pad(x, (0, 0, 0, pad))
     sp = x.shape[1]
@@ -60,16 +62,26 @@ def _scan(layer: ViLLayer, x: torch.Tensor, amp: torch.dtype | None) -> torch.Te
     gates = torch.baddbmm(torch.matmul(w_x, x_t) + gate_bias, w_a.expand(bsz, -1, -1), a)  # (B, 2 NH, S)
     i, f = gates.chunk(2, dim=1)
 
-    # q and k only meet in dot products q_t . k_s (intra-chunk scores, and through the states), and both
-    # are block-diagonal maps of a: q_t . k_s = a_t . (Wq^T Wk a_s) blockwise. So the kernel gets q = a and
-    # k = (scaled Wq^T Wk) a, one projection instead of two.
-    w_qk = torch.matmul(layer.q_proj.weight.transpose(1, 2), layer.k_proj.weight) * dh**-0.5
-    k = _block_diag_matmul(w_qk, a, "layer.k").view(bsz, nh, dh, sp)
-    v1 = _values_with_ones(layer.v_proj.weight, x_m, nh)
-    out, m = chunkwise_feature_major(a.view(bsz, nh, dh, sp), k, v1, i, f, chunk_size=chunk)
-    num, den = out.split([dh, 1], dim=2)  # (B, NH, DH | 1, NC, L)
-    # the output norm absorbs the cell's division by its normaliser
-    h = _normalise_feature_major(cell.outnorm, num, normaliser(den, m.unsqueeze(2), eps=1e-6), inplace)
+    if chunkwise:
+        # q and k only meet in dot products q_t . k_s (intra-chunk scores, and through the states), and
+        # both are block-diagonal maps of a: q_t . k_s = a_t . (Wq^T Wk a_s) blockwise. So the kernel gets
+        # q = a and k = (scaled Wq^T Wk) a, one projection instead of two.
+        w_qk = torch.matmul(layer.q_proj.weight.transpose(1, 2), layer.k_proj.weight) * dh**-0.5
+        k = _block_diag_matmul(w_qk, a, "layer.k").view(bsz, nh, dh, sp)
+        v1 = _values_with_ones(layer.v_proj.weight, x_m, nh)
+        out, m = chunkwise_feature_major(a.view(bsz, nh, dh, sp), k, v1, i, f, chunk_size=chunk)
+        num, den = out.split([dh, 1], dim=2)  # (B, NH, DH | 1, NC, L)
+        nrm = normaliser(den, m.unsqueeze(2), eps=1e-6)  # the output norm absorbs the cell's division
+    else:  # the parallel and recurrent cells, on token-major views of the same q, k, v
+        q, k, v = (
+            _block_diag_matmul(proj.weight, t, key).view(bsz, nh, dh, sp).transpose(2, 3)
+            for proj, t, key in (
+                (layer.q_proj, a, "layer.q"), (layer.k_proj, a, "layer.k"), (layer.v_proj, x_m, "layer.v")
+            )
+        )  # fmt: skip
+        h = mlstm(q, k, v, i, f, backend=layer.mlstm_backend, kernel=layer.mlstm_kernel)
+        num, nrm = h.transpose(2, 3).unsqueeze(3), None  # one "chunk" of S tokens
+    h = _normalise_feature_major(cell.outnorm, num, nrm, inplace)
     a, z = (t.view(bsz, nh, dh, *num.shape[3:]) for t in (a, z))
     h = _skip_and_gate(h, a, z, layer.learnable_skip, inplace)
     out = _heads_matmul(h, layer.proj_down.weight, "layer.down", amp)  # (B, S, d)
@@ -77,7 +89,7 @@ def _scan(layer: ViLLayer, x: torch.Tensor, amp: torch.dtype | None) -> torch.Te
 
 
 def _normalise_feature_major(
-    norm: MultiHeadGroupNorm, num: torch.Tensor, nrm: torch.Tensor, inplace: bool
+    norm: MultiHeadGroupNorm, num: torch.Tensor, nrm: torch.Tensor | None, inplace: bool
 ) -> torch.Tensor:
     """``norm`` applied to h = num / nrm given as (B, NH, DH, ...) (tokens in the trailing dims), without
     forming h.
@@ -87,7 +99,7 @@ def _normalise_feature_major(
 
     Args:
         num: (B, NH, DH, ...) numerator (any strides); overwritten when ``inplace``.
-        nrm: (B, NH, 1, ...) positive divisor.
+        nrm: (B, NH, 1, ...) positive divisor, or None for h = num.
     Returns:
         num's shape, normalised output times the per-channel weight (1 + stored).
     """
@@ -97,7 +109,7 @@ def _normalise_feature_major(
     cen = num.sub_(mean) if inplace else num - mean
     sq = torch.mul(cen, cen, out=scratch("norm.sq", cen.shape, cen)) if inplace else cen * cen
     var = sq.sum(2, keepdim=True).div_(dh)
-    var = torch.addcmul(var, nrm, nrm, value=norm.eps)
+    var = var.add_(norm.eps) if nrm is None else torch.addcmul(var, nrm, nrm, value=norm.eps)
     if inplace:
         return cen.mul_(var.rsqrt_()).mul_(scale)
     return cen * var.rsqrt() * scale

@@ -27,8 +27,8 @@ class ViLLayer(nn.Module):
     """The mLSTM layer of a ViL block, scanning in one direction (docs/design.md, section 3).
 
     ``reference_forward`` is the layer's math step by step through its submodules; ``forward`` runs the
-    same function through the fused path (``seglstm.models.vil.fused``) when the cell is the chunkwise
-    kernel, and through the reference otherwise (the ``parallel`` and ``recurrent`` backends, Triton).
+    same function through the fused path (``seglstm.models.vil.fused``), except when the chunkwise cell
+    runs mlstm_kernels' Triton kernel (CUDA inference), which takes token-major q, k, v.
     """
 
     def __init__(
@@ -82,9 +82,9 @@ class ViLLayer(nn.Module):
         amp = torch.get_autocast_dtype(dev) if autocast else None
         with autocast_off(dev):
             x = x.to(state_dtype(self.proj_up.weight))
-            if self.mlstm_backend == "chunkwise" and not wants_triton(x, self.mlstm_kernel):
-                return fused_forward(self, x, amp)
-            return self.reference_forward(x, amp)
+            if self.mlstm_backend == "chunkwise" and wants_triton(x, self.mlstm_kernel):
+                return self.reference_forward(x, amp)
+            return fused_forward(self, x, amp)
 
     def reference_forward(self, x: torch.Tensor, amp: torch.dtype | None = None) -> torch.Tensor:
         """docs/design.md, section 3, step by step: (B, S, d) -> (B, S, d). ``amp``: the dtype of the two
