@@ -41,6 +41,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, SaveConfigCallback
 
 from seglstm.data.io import DataError
+from seglstm.data.registry import dataset_meta
 from seglstm.models.checkpoint import CheckpointMismatchError, load_pretrained
 from seglstm.training._lightning_compat import SubcommandHooksCLI
 from seglstm.training.callbacks import (
@@ -469,18 +470,21 @@ class SegLightningCLI(SubcommandHooksCLI):
             raise ConfigValueError(f"data.classes_file: {classes_file} does not exist")
 
     def _link_num_classes(self, cfg: Namespace) -> None:
+        """``model.num_classes`` from the dataset's class list (a config value, not a DataModule: the class
+        count must be known before anything is built, and a conflicting value is named, not overridden)."""
+        data = cfg.data
         try:
-            datamodule = _datamodule_class()(**cfg.data.as_dict())
-        except (ValueError, TypeError, FileNotFoundError) as err:  # DataError is a ValueError
+            classes = dataset_meta(data.get("dataset"), data.get("root") or ".", data.get("classes_file"))["classes"]
+        except ValueError as err:  # DataError is a ValueError
             raise ConfigValueError(f"data: {err}") from err
-        n = int(datamodule.num_classes)
+        n = len(classes)
         given = cfg.model.get("num_classes")
         if given is None:
             cfg.model.num_classes = n
         elif int(given) != n:
             raise ConfigValueError(
-                f"model.num_classes={given} conflicts with data.dataset={cfg.data.get('dataset')!r}, which has "
-                f"{n} classes ({', '.join(datamodule.classes)}); drop model.num_classes or fix it"
+                f"model.num_classes={given} conflicts with data.dataset={data.get('dataset')!r}, which has "
+                f"{n} classes ({', '.join(classes)}); drop model.num_classes or fix it"
             )
 
     # -- outputs of test / predict -------------------------------------------------------------------------

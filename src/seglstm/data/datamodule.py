@@ -10,9 +10,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from seglstm.data.base import EpochSampler, SegDataset, collate
-from seglstm.data.folder import ImageFolder, SegFolder, find_class_file, read_class_file
+from seglstm.data.folder import ImageFolder, SegFolder
 from seglstm.data.io import DEFAULT_MAX_PIXELS, DatasetNotFoundError
-from seglstm.data.registry import build_dataset, dataset_class, dataset_kwargs
+from seglstm.data.registry import build_dataset, dataset_class, dataset_kwargs, dataset_meta
 from seglstm.data.transforms import MEAN, STD, eval_transforms, train_transforms
 
 
@@ -138,11 +138,7 @@ class SegDataModule(L.LightningDataModule):
             raise DatasetNotFoundError(f"predict_root={predict_root!r} is not a directory")
         self.predict_root = predict_root
         self.seed = seed
-        if self.dataset_cls is SegFolder:
-            self._meta = read_class_file(find_class_file(self.root, classes_file))
-        else:
-            cls = self.dataset_cls
-            self._meta = {"classes": cls.classes, "palette": cls.palette}
+        self._meta = dataset_meta(self.dataset, self.root, classes_file)
         self.datasets: dict[str, Dataset] = {}
 
     def _normalization(self, mean: list[float] | None, std: list[float] | None) -> tuple[tuple, tuple]:

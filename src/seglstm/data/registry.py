@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from seglstm.data.base import SegDataset
-from seglstm.data.folder import SegFolder
+from seglstm.data.folder import SegFolder, find_class_file, read_class_file
 from seglstm.data.io import DEFAULT_MAX_PIXELS
 from seglstm.data.isprs import Potsdam, Vaihingen
 from seglstm.data.loveda import LoveDA
@@ -27,6 +27,15 @@ def dataset_class(name: str) -> type[SegDataset]:
         return DATASETS[name.lower()]
     except (KeyError, AttributeError):
         raise ValueError(f"dataset={name!r} is not one of {sorted(DATASETS)}") from None
+
+
+def dataset_meta(name: str, root: str | Path, classes_file: str | Path | None = None) -> dict[str, Any]:
+    """``classes`` and ``palette`` of dataset ``name``: the class's own, or a ``folder`` dataset's class file
+    (``classes_file``, else ``classes.yaml|yml|json`` under ``root``). Reads no images."""
+    cls = dataset_class(name)
+    if cls is SegFolder:
+        return read_class_file(find_class_file(Path(root), classes_file))
+    return {"classes": cls.classes, "palette": cls.palette}
 
 
 def build_dataset(name: str, root: str | Path, split: str, **kwargs: Any) -> SegDataset:
