@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from seglstm.models.vil import kernels
 from seglstm.models.vil.dispatch import mlstm
 from seglstm.models.vil.mlstm import chunk_length, chunkwise_feature_major, normaliser
 from seglstm.models.vil.workspace import scratch
@@ -55,8 +56,13 @@ def _scan(layer: ViLLayer, x: torch.Tensor, amp: torch.dtype | None) -> torch.Te
     w_a = _fold_block_diag(wq, layer.q_proj.weight) + _fold_block_diag(wk, layer.k_proj.weight)
     w_x = _fold_block_diag(wv, layer.v_proj.weight) @ layer.proj_up.weight[:e]
     x_t = x.transpose(1, 2)
-    up = _left_matmul(layer.proj_up.weight, x_t, "layer.up", amp)  # (B, 2e, S)
+    # CPU inference under autocast: the activations outside the cell stay in the autocast dtype (no casts
+    # back and forth around the projections); the cell's inputs are float32 as always.
+    keep = amp is not None and _cpu_inference(x)
+    xa_t = _cast(x, amp, "layer.x_amp").transpose(1, 2) if keep else x_t
+    up = _left_matmul(layer.proj_up.weight, xa_t, "layer.up", amp, keep)  # (B, 2e, S)
     x_m, z = up.chunk(2, dim=1)
+    x_m = _cast(x_m, x.dtype, "layer.x_m")
     a = F.silu(_causal_conv(x_m, layer.conv1d.conv.weight, layer.conv1d.conv.bias), inplace)
     gate_bias = torch.cat([cell.igate.bias, cell.fgate.bias]).unsqueeze(-1)
     gates = torch.baddbmm(torch.matmul(w_x, x_t) + gate_bias, w_a.expand(bsz, -1, -1), a)  # (B, 2 NH, S)
@@ -71,6 +77,14 @@ def _scan(layer: ViLLayer, x: torch.Tensor, amp: torch.dtype | None) -> torch.Te
         v1 = _values_with_ones(layer.v_proj.weight, x_m, nh)
         out, m = chunkwise_feature_major(a.view(bsz, nh, dh, sp), k, v1, i, f, chunk_size=chunk)
         num, den = out.split([dh, 1], dim=2)  # (B, NH, DH | 1, NC, L)
+        chunks = num.shape[3:]
+        if kernels.enabled(num):  # norm, skip and gate in one pass, into a feature-major h for one output GEMM
+            h = scratch("layer.h", (bsz, e, sp), up)
+            a, z = (t.view(bsz, nh, dh, *chunks) for t in (a, z))
+            args = (num, den, m.unsqueeze(2), a, z, cell.outnorm.weight, cell.outnorm.eps, layer.learnable_skip)
+            kernels.run(kernels.norm_skip_gate, *args, h.view(bsz, nh, dh, *chunks))
+            out = _cast(_tokens_matmul(h, layer.proj_down.weight, "layer.down", amp), x.dtype, "layer.out")
+            return out[:, :seq] if pad else out
         nrm = normaliser(den, m.unsqueeze(2), eps=1e-6)  # the output norm absorbs the cell's division
     else:  # the parallel and recurrent cells, on token-major views of the same q, k, v
         q, k, v = (
@@ -179,9 +193,11 @@ def _fold_block_diag(w_gate: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     return torch.einsum("gbo,boi->gbi", w_gate.reshape(-1, nb, bs), weight).reshape(w_gate.shape[0], -1)
 
 
-def _left_matmul(weight: torch.Tensor, x: torch.Tensor, key: str, amp: torch.dtype | None) -> torch.Tensor:
-    """weight (P, K) @ x (B, K, S) -> (B, P, S) contiguous in x's dtype (torch.matmul would return a
-    transposed view); the GEMM's operands in ``amp`` when given."""
+def _left_matmul(
+    weight: torch.Tensor, x: torch.Tensor, key: str, amp: torch.dtype | None, keep: bool = False
+) -> torch.Tensor:
+    """weight (P, K) @ x (B, K, S) -> (B, P, S) contiguous (torch.matmul would return a transposed view);
+    the GEMM's operands in ``amp`` when given, the result in x's dtype (in ``amp`` with ``keep``)."""
     dtype = x.dtype
     if amp is not None:
         weight, x = weight.to(amp), x.to(amp)
@@ -189,7 +205,26 @@ def _left_matmul(weight: torch.Tensor, x: torch.Tensor, key: str, amp: torch.dty
     if not _cpu_inference(x):
         return torch.bmm(w, x).to(dtype)
     out = torch.bmm(w, x, out=scratch(key, (x.shape[0], weight.shape[0], x.shape[2]), x))
-    return out if amp is None else out.to(dtype)
+    return out if amp is None or keep else out.to(dtype)
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype, key: str) -> torch.Tensor:
+    """t in ``dtype``, same layout if contiguous; into a scratch buffer without autograd on the CPU."""
+    if t.dtype == dtype:
+        return t
+    if not _cpu_inference(t):
+        return t.to(dtype)
+    return scratch(key, t.shape, t.new_empty((), dtype=dtype)).copy_(t)
+
+
+def _tokens_matmul(h: torch.Tensor, weight: torch.Tensor, key: str, amp: torch.dtype | None) -> torch.Tensor:
+    """Output projection of feature-major h (B, e, S) -> (B, S, d) in h's dtype: one GEMM per image on
+    h's transpose (BLAS reads it in place); the weight in ``amp`` when given (h is then in ``amp``)."""
+    w = weight.t() if amp is None else weight.t().to(amp)
+    out = scratch(key, (h.shape[0], h.shape[2], w.shape[1]), h)
+    for b in range(h.shape[0]):
+        torch.mm(h[b].t(), w, out=out[b])
+    return out
 
 
 def _heads_matmul(h: torch.Tensor, weight: torch.Tensor, key: str, amp: torch.dtype | None) -> torch.Tensor:
