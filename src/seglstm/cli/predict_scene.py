@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
             "autocast dtype of the forward pass: auto, fp32, bf16 or fp16. auto = bf16 on CUDA (fp16 where "
             "bf16 is unsupported) and on a CPU with native bf16 GEMMs (AVX512-BF16 or AMX), fp32 on other "
             "CPUs (bf16 is emulated there and slower); the mLSTM cell always runs in fp32. An --onnx model runs in "
-            "the dtype it was exported in"
+            "the dtype it was exported in. On a CPU the ViL output norm runs as one compiled kernel when a C++ "
+            "compiler is present (SEGLSTM_INDUCTOR=0 turns that off; the first tile of each size compiles it)"
         ),
     )
     p.add_argument(

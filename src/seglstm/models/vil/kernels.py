@@ -1,7 +1,7 @@
 """Fused elementwise kernels for CPU inference: pure functions of the fused path's memory-bound steps, each
 compiled by Inductor into one C++/OpenMP loop nest (one read of every input, one write of the output,
 where eager PyTorch makes a pass over memory per operator). One step pays today: the output norm with the
-skip and the output gate (docs/design.md, section 3, steps 6-7), 3x faster than its eager in-place
+skip and the output gate (docs/design.md, section 3, steps 7-8), 3x faster than its eager in-place
 passes at 1024x1024; the causal convolution compiled was slower than eager (its shifted reads do not
 vectorise), so it stays eager.
 
@@ -66,7 +66,7 @@ def norm_skip_gate(
     out: torch.Tensor,
 ) -> None:
     """out = (groupnorm(num / normaliser(den, m)) + skip * a) * silu(z) on (B, NH, DH, ...) views, the norm
-    over DH (docs/design.md, section 3, steps 6-7), in float32; ``out`` may have a narrower dtype."""
+    over DH (docs/design.md, section 3, steps 7-8), in float32; ``out`` may have a narrower dtype."""
     nh, dh = num.shape[1:3]
     shape = (nh, dh, *[1] * (num.ndim - 3))
     h = num / normaliser(den, m, eps=1e-6)
