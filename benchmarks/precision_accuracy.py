@@ -1,7 +1,7 @@
 """Accuracy of the reduced-precision CPU inference paths on a trained run's val split, against float32.
 
     flock /tmp/seglstm-bench.lock python benchmarks/precision_accuracy.py [--run runs/demo] [--ckpt FILE]
-        [--variants fp32 bf16 int8-torchao onnx-fp32 int8-onnx int8-onnx-pc]
+        [--variants fp32 bf16 int8-torchao onnx-fp32 int8-onnx int8-onnx-ref] [--per-channel]
 
 The run's checkpoint (default ``RUN/checkpoints/last.ckpt``, what ``seglstm demo`` / ``make demo`` leave in
 ``runs/demo``) and its data section (``RUN/config.yaml``) are evaluated with the code ``seglstm test`` runs:
@@ -12,14 +12,20 @@ logits cropped and resized to each label's size) scored by ``seglstm.metrics.Seg
 - ``fp32``: the baseline;
 - ``bf16``: ``torch.autocast("cpu", torch.bfloat16)``, the path ``predict-scene --precision bf16`` takes;
   the table says whether this CPU has native bf16 GEMMs or emulates them;
-- ``int8-torchao``: torchao's dynamic int8 activation + int8 weight quantisation of every ``nn.Linear``;
+- ``int8-torchao``: torchao's dynamic int8 activation + int8 weight quantisation of the ViL layers' up and
+  down projections (``nn.Linear``), on the layers' reference path (the fused CPU path cannot take torchao's
+  weight tensors: :func:`reference_path`);
 - ``onnx-fp32``: the ``seglstm export`` ONNX file under onnxruntime (isolates the export from quantising);
-- ``int8-onnx`` / ``int8-onnx-pc``: that file through ``onnxruntime.quantization.quantize_dynamic`` (int8
-  weights and dynamically quantised activations of the MatMul / Gemm ops), per tensor / per channel.
+- ``int8-onnx``: that file through ``onnxruntime.quantization.quantize_dynamic`` (int8 weights and
+  dynamically quantised activations of every MatMul / Gemm by a constant weight: in the fused path's export
+  that is ``proj_down`` and not ``proj_up``, whose weight is sliced and folded in the graph);
+- ``int8-onnx-ref``: the same quantiser on an export of the reference path, where both projections are
+  MatMuls by a weight. ``--per-channel`` quantises the ONNX weights per output channel.
 
 Per variant: mIoU, mAcc, aAcc (percent), the mIoU difference to fp32 in points, the share of pixels whose
 class equals the fp32 prediction, whether both meet the bar (|delta| <= 0.3 points, agreement >= 99%) and
-the seconds of the val pass (batches are loaded once beforehand, so only inference and scoring are timed).
+the seconds of the val pass (batches are loaded once beforehand and one batch is run untimed first, so only
+inference and scoring are timed).
 A variant that fails is a row with its error, not a crash. Writes benchmarks/results/precision_accuracy.json.
 """
 
@@ -45,9 +51,10 @@ from _common import print_table, write_json
 from seglstm.study.measure import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results" / "precision_accuracy.json"
-VARIANTS = ("fp32", "bf16", "int8-torchao", "onnx-fp32", "int8-onnx", "int8-onnx-pc")
+VARIANTS = ("fp32", "bf16", "int8-torchao", "onnx-fp32", "int8-onnx", "int8-onnx-ref")
 MAX_DELTA_MIOU = 0.3  # points
 MIN_AGREEMENT = 99.0  # percent
+PROJECTIONS = ("proj_up", "proj_down")  # the ViL layer's nn.Linear projections
 COLUMNS = ["variant", "mIoU", "mAcc", "aAcc", "delta_mIoU", "agreement", "meets", "seconds", "note"]
 
 
@@ -90,13 +97,15 @@ def evaluate(task: Any, batches: Sequence[dict[str, Any]],
     """Score ``task`` on ``batches`` as ``seglstm test`` does; returns (metrics, per-image class maps, seconds).
 
     ``autocast``: the CPU autocast dtype of the forward pass (None = float32), as the inference commands use.
+    The first batch is predicted once untimed first (one-off costs: weight packing, allocator, ONNX session).
     """
     from seglstm.metrics import SegmentationMetrics
 
     metrics = SegmentationMetrics(task.hparams.num_classes, task.hparams.ignore_index)
     preds: list[torch.Tensor] = []
-    start = time.perf_counter()
     with torch.inference_mode(), torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+        task._item_predictions(batches[0])
+        start = time.perf_counter()
         for batch in batches:
             preds += task._evaluate(batch, metrics)  # the test step's predictions and metric update
     seconds = time.perf_counter() - start
@@ -132,26 +141,48 @@ def result_row(variant: str, metrics: dict[str, Any], preds: Sequence[torch.Tens
 
 # -- the int8 variants ----------------------------------------------------------------------------------
 
-def torchao_int8(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every ``nn.Linear`` weight int8 and its input quantised per token at run time
-    (torchao's ``Int8DynamicActivationInt8WeightConfig``)."""
-    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+def reference_path(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose ViL layers run their reference path (``ViLLayer.reference_forward``: one call
+    of each projection module, the same chunkwise cell), not the fused CPU path.
 
+    The fused path reads the projection weights as plain tensors (it concatenates, slices and folds them):
+    torchao's Int8Tensor implements none of that, and in an ONNX export of it ``proj_up`` is no longer a
+    MatMul by a weight, so onnxruntime's quantiser cannot see it. Both int8 backends need the module calls.
+    """
     model = copy.deepcopy(model)
-    quantize_(model, Int8DynamicActivationInt8WeightConfig())
+    for module in model.modules():
+        if hasattr(module, "reference_forward"):
+            module.forward = module.reference_forward
     return model.eval()
 
 
-def export_onnx(model: nn.Module, meta: dict[str, Any], path: Path, tile: int, batch: int) -> Path:
-    """The project's ONNX export (``seglstm export --format onnx``) of ``model`` for ``batch x C x tile x tile``."""
+def torchao_int8(model: nn.Module, names: Sequence[str] = PROJECTIONS) -> nn.Module:
+    """A copy of ``model`` on the reference path (:func:`reference_path`) whose ``nn.Linear`` layers named
+    ``*.<name>`` (default: the ViL layers' up and down projections, most of the encoder's GEMM work) hold
+    int8 weights and quantise their input per token at run time (torchao's
+    ``Int8DynamicActivationInt8WeightConfig``); an empty ``names`` takes every Linear."""
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    def chosen(module: nn.Module, fqn: str) -> bool:
+        return isinstance(module, nn.Linear) and (not names or fqn.rsplit(".", 1)[-1] in names)
+
+    model = reference_path(model)
+    quantize_(model, Int8DynamicActivationInt8WeightConfig(), filter_fn=chosen)
+    return model
+
+
+def export_onnx(model: nn.Module, meta: dict[str, Any], path: Path, tile: int, batch: int,
+                reference: bool = False) -> Path:
+    """The project's ONNX export (``seglstm export --format onnx``) for ``batch x C x tile x tile``;
+    ``reference``: of the model on its reference path (:func:`reference_path`)."""
     from seglstm.inference.export import export_segmentor
 
-    return export_segmentor(model, meta, path, tile=tile, batch=batch)
+    return export_segmentor(reference_path(model) if reference else model, meta, path, tile=tile, batch=batch)
 
 
 def onnx_int8(src: Path, out: Path, per_channel: bool = False) -> Path:
-    """``quantize_dynamic`` of an exported file: int8 weights of the MatMul / Gemm ops, activations quantised
-    at run time (uint8, onnxruntime's default for dynamic quantisation on x86)."""
+    """``quantize_dynamic`` of an exported file: int8 weights of the MatMul / Gemm ops by a constant weight,
+    their other input quantised at run time (uint8, onnxruntime's default for dynamic quantisation)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(src, out, op_types_to_quantize=["MatMul", "Gemm"], per_channel=per_channel,
@@ -197,8 +228,8 @@ def eval_tile(task: Any, batches: Sequence[dict[str, Any]]) -> tuple[int, int]:
 
 # -- the measurement ------------------------------------------------------------------------------------
 
-def measure(task: Any, batches: Sequence[dict[str, Any]], variants: Sequence[str],
-            work: Path) -> list[dict[str, Any]]:
+def measure(task: Any, batches: Sequence[dict[str, Any]], variants: Sequence[str], work: Path,
+            per_channel: bool = False) -> list[dict[str, Any]]:
     """One row per variant; fp32 always runs first (every other row is compared with it)."""
     from seglstm.utils.device import cpu_has_native_bf16
 
@@ -208,33 +239,35 @@ def measure(task: Any, batches: Sequence[dict[str, Any]], variants: Sequence[str
     metrics, preds, seconds = evaluate(task, batches)
     reference = (metrics, preds)
     rows = [result_row("fp32", metrics, preds, seconds, None, "pytorch, baseline")]
-    onnx_fp32: Path | None = None
+    exports: dict[bool, Path] = {}  # reference path or not -> fp32 ONNX file
     for variant in [v for v in variants if v != "fp32"]:
-        note, autocast = "", None
+        note, autocast, forward = "", None, None
         try:
             if variant == "bf16":
                 autocast = torch.bfloat16
                 note = "native bf16 (AVX512-BF16/AMX)" if cpu_has_native_bf16() else "EMULATED: no native bf16"
-                forward: Any = None
             elif variant == "int8-torchao":
                 import torchao
 
-                forward, note = torchao_int8(task.model), f"torchao {torchao.__version__}"
+                forward, note = torchao_int8(task.model), f"torchao {torchao.__version__}, reference path"
             else:
                 import onnxruntime as ort
 
                 from seglstm.inference.scene.onnx import OnnxSegmentor
 
-                if onnx_fp32 is None:
+                ref_path = variant.endswith("-ref")
+                if ref_path not in exports:
                     tile, batch = eval_tile(task, batches)
                     meta = {**task.meta, "model": task.hparams.model}
-                    onnx_fp32 = export_onnx(task.model, meta, work / "model.onnx", tile, batch)
-                path = onnx_fp32
+                    name = "reference.onnx" if ref_path else "model.onnx"
+                    exports[ref_path] = export_onnx(task.model, meta, work / name, tile, batch, ref_path)
+                path = exports[ref_path]
                 if variant != "onnx-fp32":
-                    path = onnx_int8(onnx_fp32, work / f"{variant}.onnx", per_channel=variant.endswith("-pc"))
-                session = OnnxSegmentor(path)
-                forward = session
-                note = f"onnxruntime {ort.__version__}, {path.stat().st_size / 2**20:.1f} MiB"
+                    path = onnx_int8(path, work / f"{variant}.onnx", per_channel)
+                forward = OnnxSegmentor(path)
+                note = (f"onnxruntime {ort.__version__}{', reference path' if ref_path else ''}"
+                        f"{', per channel' if per_channel and variant != 'onnx-fp32' else ''}, "
+                        f"{path.stat().st_size / 2**20:.1f} MiB")
             with network(task, forward) if forward is not None else contextlib.nullcontext():
                 metrics, preds, seconds = evaluate(task, batches, autocast)
             rows.append(result_row(variant, metrics, preds, seconds, reference, note))
@@ -251,6 +284,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--ckpt", default=None, help="checkpoint (default RUN/checkpoints/last.ckpt)")
     p.add_argument("--data-root", default=None, help="dataset root, when it moved since training")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--per-channel", action="store_true", help="per-channel int8 weights in the ONNX variants")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
@@ -260,7 +294,7 @@ def main(argv: list[str]) -> int:
     batches = load_batches(dm)
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as work:
-        rows = measure(task, batches, args.variants, Path(work))
+        rows = measure(task, batches, args.variants, Path(work), args.per_channel)
     load_after = os.getloadavg()
     text = print_table(rows, COLUMNS)
     n_images = sum(len(b["image"]) for b in batches)

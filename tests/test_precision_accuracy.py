@@ -66,18 +66,18 @@ def test_known_predictions_give_the_hand_computed_miou_and_agreement(task, batch
             for m in masks]
     flipped = [m.copy() for m in maps]
     flipped[0][:5, :] = (flipped[0][:5, :] + 1) % K  # 5 rows of the first map changed
-    queue: list[np.ndarray] = []
+    images = [im for b in batches for im in b["image"]]
+    source: list[np.ndarray] = []
 
-    def forward(img: torch.Tensor) -> torch.Tensor:
-        out = torch.from_numpy(np.stack([queue.pop(0) for _ in range(len(img))]))
-        return torch.nn.functional.one_hot(out.long(), K).permute(0, 3, 1, 2).float()
+    def forward(img: torch.Tensor) -> torch.Tensor:  # one-hot logits of each image's known map
+        picked = [source[next(i for i, im in enumerate(images) if torch.equal(im, x))] for x in img]
+        return torch.nn.functional.one_hot(torch.from_numpy(np.stack(picked)), K).permute(0, 3, 1, 2).float()
 
     results = {}
-    for name, source in (("ref", maps), ("flipped", flipped)):
-        queue[:] = [m.copy() for m in source]
+    for name, known in (("ref", maps), ("flipped", flipped)):
+        source[:] = known
         with pa.network(task, forward):
             results[name] = pa.evaluate(task, batches)
-        assert not queue
     metrics, preds, seconds = results["ref"]
     assert [p.numpy().tolist() for p in preds] == [m.tolist() for m in maps]
     miou, aacc = _reference_miou(maps, masks)
@@ -116,3 +116,26 @@ def test_fp32_and_bf16_rows_on_a_tiny_model(task, batches, tmp_path, monkeypatch
 def test_unknown_variant_is_an_error_naming_the_option(task, batches, tmp_path):
     with pytest.raises(SystemExit, match="--variants: unknown"):
         pa.measure(task, batches, ["fp8"], tmp_path)
+
+
+def test_reference_path_copy_computes_the_fused_path_function(task, batches, one_thread):
+    """The int8 variants run the ViL layers' reference path: in float32 it must be the model's own function."""
+    ref_model = pa.reference_path(task.model)
+    assert ref_model is not task.model
+    x = batches[0]["image"]
+    with torch.inference_mode():
+        fused, reference = task.model(x), ref_model(x)
+    torch.testing.assert_close(reference, fused, rtol=1e-4, atol=1e-4)
+    assert "forward" not in vars(next(m for m in task.model.modules() if hasattr(m, "reference_forward")))
+
+
+def test_torchao_int8_row_quantises_the_projections(task, batches, tmp_path, one_thread):
+    pytest.importorskip("torchao", reason="torchao is the optional int8 backend (pip install torchao)")
+    quantised = pa.torchao_int8(task.model)
+    kinds = {name.rsplit(".", 1)[-1]: type(m.weight).__name__ for name, m in quantised.named_modules()
+             if isinstance(m, torch.nn.Linear)}
+    assert kinds["proj_up"] == kinds["proj_down"] == "Int8Tensor"
+    assert kinds["igate"] in ("Parameter", "Tensor")  # only the projections
+    _, int8 = pa.measure(task, batches, ["fp32", "int8-torchao"], tmp_path)
+    assert int8["variant"] == "int8-torchao" and "FAILED" not in int8["note"], int8["note"]
+    assert 90.0 <= int8["agreement"] <= 100.0
