@@ -278,6 +278,12 @@ def measure(task: Any, batches: Sequence[dict[str, Any]], variants: Sequence[str
     return rows
 
 
+def _display(row: dict[str, Any]) -> dict[str, Any]:
+    """The row as printed: metrics with 2 decimals (mmseg prints percent so), agreement with 3."""
+    digits = {"mIoU": 2, "mAcc": 2, "aAcc": 2, "delta_mIoU": 2, "agreement": 3, "seconds": 1}
+    return {k: f"{v:.{digits[k]}f}" if k in digits and isinstance(v, float) else v for k, v in row.items()}
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", default="runs/demo", help="a `seglstm fit` run folder (default: make demo's)")
@@ -296,7 +302,7 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory() as work:
         rows = measure(task, batches, args.variants, Path(work), args.per_channel)
     load_after = os.getloadavg()
-    text = print_table(rows, COLUMNS)
+    text = print_table([_display(r) for r in rows], COLUMNS)
     n_images = sum(len(b["image"]) for b in batches)
     note = (f"{args.run}: {n_images} val images, {args.threads} threads; load average before "
             f"{load_before[0]:.2f}, after {load_after[0]:.2f} (1 min)")

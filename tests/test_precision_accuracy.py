@@ -139,3 +139,28 @@ def test_torchao_int8_row_quantises_the_projections(task, batches, tmp_path, one
     _, int8 = pa.measure(task, batches, ["fp32", "int8-torchao"], tmp_path)
     assert int8["variant"] == "int8-torchao" and "FAILED" not in int8["note"], int8["note"]
     assert 90.0 <= int8["agreement"] <= 100.0
+
+
+@pytest.mark.slow  # two ONNX exports (tens of seconds each on 2 cores)
+def test_onnx_rows_and_the_speed_script_on_a_tiny_model(task, batches, tmp_path, one_thread):
+    import json
+
+    import onnx_speed
+
+    pytest.importorskip("torchao", reason="torchao is the optional int8 backend (pip install torchao)")
+    rows = pa.measure(task, batches, ["fp32", "onnx-fp32", "int8-onnx", "int8-onnx-ref"], tmp_path)
+    by = {r["variant"]: r for r in rows}
+    for name in ("onnx-fp32", "int8-onnx", "int8-onnx-ref"):
+        assert "FAILED" not in by[name]["note"], by[name]["note"]
+    assert by["onnx-fp32"]["agreement"] >= 99.9  # the export alone: float32 rounding only
+    assert by["int8-onnx"]["agreement"] >= 90.0 and by["int8-onnx-ref"]["agreement"] >= 90.0
+
+    out = tmp_path / "speed.json"
+    assert onnx_speed.main(["--tile", "64", "--repeats", "1", "--out", str(out),
+                            "--rows", "pytorch-bf16", "pytorch-int8-torchao", "onnx-fp32", "onnx-int8"]) == 0
+    speed = {r["row"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(speed) == ["pytorch-fp32", "pytorch-bf16", "pytorch-int8-torchao", "onnx-fp32", "onnx-int8"]
+    assert speed["pytorch-fp32"]["vs_fp32"] == 1.0 and speed["pytorch-bf16"]["vs_bf16"] == 1.0
+    for r in speed.values():
+        assert r["s_per_batch"] > 0 and r["tiles_per_s"] == pytest.approx(1 / r["s_per_batch"]), r
+    assert speed["onnx-fp32"]["max_abs_diff"] < 1e-3 and speed["onnx-fp32"]["agreement"] >= 99.9
