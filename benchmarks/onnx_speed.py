@@ -73,8 +73,9 @@ def main(argv: list[str]) -> int:
     cpu = torch.device("cpu")
     load_before = os.getloadavg()
     rows, export_s = [], {}
-    with tempfile.TemporaryDirectory() as work, torch.inference_mode():
-        ref = model(x)
+    with tempfile.TemporaryDirectory() as work:  # not under inference_mode: torch.onnx cannot export there
+        with torch.inference_mode():
+            ref = model(x)
         exports: dict[bool, Path] = {}
 
         def onnx_file(reference: bool) -> Path:
@@ -90,8 +91,9 @@ def main(argv: list[str]) -> int:
             try:
                 fn: Callable[[], torch.Tensor]
                 if row == "pytorch-fp32":
-                    fn, note = (lambda: model(x)), f"torch {torch.__version__}"
+                    fn, note = torch.inference_mode()(lambda: model(x)), f"torch {torch.__version__}"
                 elif row == "pytorch-bf16":
+                    @torch.inference_mode()
                     def fn() -> torch.Tensor:
                         with torch.autocast("cpu", dtype=torch.bfloat16):
                             return model(x)
@@ -100,7 +102,7 @@ def main(argv: list[str]) -> int:
                     import torchao
 
                     quantised = torchao_int8(model)
-                    fn = lambda quantised=quantised: quantised(x)  # noqa: E731
+                    fn = torch.inference_mode()(lambda quantised=quantised: quantised(x))
                     note = f"torchao {torchao.__version__}, reference path"
                 else:
                     path = onnx_file(row.endswith("-ref"))

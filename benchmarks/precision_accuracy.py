@@ -279,8 +279,8 @@ def measure(task: Any, batches: Sequence[dict[str, Any]], variants: Sequence[str
 
 
 def _display(row: dict[str, Any]) -> dict[str, Any]:
-    """The row as printed: metrics with 2 decimals (mmseg prints percent so), agreement with 3."""
-    digits = {"mIoU": 2, "mAcc": 2, "aAcc": 2, "delta_mIoU": 2, "agreement": 3, "seconds": 1}
+    """The row as printed: metrics with 2 decimals (mmseg prints percent so), the delta and the agreement with 3."""
+    digits = {"mIoU": 2, "mAcc": 2, "aAcc": 2, "delta_mIoU": 3, "agreement": 3, "seconds": 1}
     return {k: f"{v:.{digits[k]}f}" if k in digits and isinstance(v, float) else v for k, v in row.items()}
 
 
