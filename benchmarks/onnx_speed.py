@@ -9,7 +9,8 @@ The model is the demo config's shape (configs/demo.yaml: ViL-T width, one block 
 The ONNX files are seglstm.inference.export's (torch.onnx, the chunkwise mLSTM's cummax translated) at one
 fixed tile and batch; the int8 rows and the reference-path export are benchmarks/precision_accuracy.py's
 (its docstring says what each quantises; it measures their accuracy on a trained run's val split). Both
-runtimes use every core. Prints a table (median seconds per batch, tiles per second, speed against PyTorch
+runtimes use every core; the timed calls go round robin over the rows (median of --repeats rounds), so a
+change in the machine's load hits every row alike. Prints a table (median seconds per batch, tiles per second, speed against PyTorch
 fp32 and bf16, the largest logit difference and the pixel agreement with PyTorch fp32) and writes
 benchmarks/results/onnx_speed.json. A row whose backend fails is reported with its error.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -73,6 +75,7 @@ def main(argv: list[str]) -> int:
     cpu = torch.device("cpu")
     load_before = os.getloadavg()
     rows, export_s = [], {}
+    calls: dict[str, Callable[[], torch.Tensor]] = {}
     with tempfile.TemporaryDirectory() as work:  # not under inference_mode: torch.onnx cannot export there
         with torch.inference_mode():
             ref = model(x)
@@ -111,17 +114,25 @@ def main(argv: list[str]) -> int:
                     session = OnnxSegmentor(path)
                     fn = lambda session=session: session(x)  # noqa: E731
                     note = f"onnxruntime {ort.__version__}, {path.stat().st_size / 2**20:.1f} MiB"
-                out = fn().float()
-                seconds = time_call(fn, cpu, repeats=args.repeats)
+                out = fn().float()  # also the warm-up call
             except Exception as err:  # a backend that cannot run this model is a result too
                 message = f"FAILED: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
                 print(f"{row}: {message}", file=sys.stderr)
                 rows.append({"row": row, "note": message})
                 continue
-            rows.append({"row": row, "s_per_batch": seconds, "tiles_per_s": args.batch / seconds,
-                         "max_abs_diff": float((out - ref).abs().max()),
+            calls[row] = fn
+            rows.append({"row": row, "max_abs_diff": float((out - ref).abs().max()),
                          "agreement": 100.0 * float((out.argmax(1) == ref.argmax(1)).float().mean()),
                          "note": note})
+        # round robin: one call of every row per round, so a change of the machine's load hits every row alike
+        times: dict[str, list[float]] = {row: [] for row in calls}
+        for _ in range(args.repeats):
+            for row, fn in calls.items():
+                times[row].append(time_call(fn, cpu, repeats=1, warmup=0))
+    for r in rows:
+        if r["row"] in times:
+            r["s_per_batch"] = statistics.median(times[r["row"]])
+            r["tiles_per_s"] = args.batch / r["s_per_batch"]
     base = {r["row"]: r.get("s_per_batch") for r in rows}
     for r in rows:
         if "s_per_batch" in r:
