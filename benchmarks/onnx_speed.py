@@ -1,5 +1,6 @@
 """CPU speed of the segmentor per inference precision and runtime, same run: PyTorch fp32 (the baseline), bf16
-autocast and torchao int8, ONNX Runtime fp32 and its dynamically quantised int8 files.
+autocast, the ViL layers' reference path in fp32 and torchao int8 (which needs that path), ONNX Runtime fp32
+and its dynamically quantised int8 files.
 
     python benchmarks/onnx_speed.py [--tile 512] [--batch 1] [--repeats 5] [--model seglstm_upernet_t]
         [--ckpt FILE] [--rows ...] [--per-channel]
@@ -31,14 +32,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, write_json
-from precision_accuracy import export_onnx, onnx_int8, torchao_int8
+from precision_accuracy import export_onnx, onnx_int8, reference_path, torchao_int8
 
 from seglstm.study.measure import machine_info, time_call
 
 RESULTS = Path(__file__).resolve().parent / "results" / "onnx_speed.json"
 DEMO = dict(depths=[1, 1, 1, 1], patch_size=8, img_size=64, mlstm_backend="chunkwise", channels=64,
             aux_cfg={"channels": 32})
-ROWS = ("pytorch-fp32", "pytorch-bf16", "pytorch-int8-torchao", "onnx-fp32", "onnx-int8", "onnx-int8-ref")
+ROWS = ("pytorch-fp32", "pytorch-bf16", "pytorch-fp32-ref", "pytorch-int8-torchao", "onnx-fp32", "onnx-int8", "onnx-int8-ref")
 COLUMNS = ["row", "s_per_batch", "tiles_per_s", "vs_fp32", "vs_bf16", "max_abs_diff", "agreement", "note"]
 
 
@@ -101,6 +102,10 @@ def main(argv: list[str]) -> int:
                         with torch.autocast("cpu", dtype=torch.bfloat16):
                             return model(x)
                     note = "native bf16" if cpu_has_native_bf16() else "EMULATED bf16"
+                elif row == "pytorch-fp32-ref":  # the path the torchao row needs, without quantising
+                    reference = reference_path(model)
+                    fn = torch.inference_mode()(lambda reference=reference: reference(x))
+                    note = "ViL reference path"
                 elif row == "pytorch-int8-torchao":
                     import torchao
 
