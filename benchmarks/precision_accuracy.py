@@ -259,6 +259,8 @@ def measure(task: Any, batches: Sequence[dict[str, Any]], variants: Sequence[str
                 if ref_path not in exports:
                     tile, batch = eval_tile(task, batches)
                     meta = {**task.meta, "model": task.hparams.model}
+                    if "mean" not in meta or "std" not in meta:
+                        raise ValueError("the checkpoint records no normalisation (mean/std) for the ONNX file")
                     name = "reference.onnx" if ref_path else "model.onnx"
                     exports[ref_path] = export_onnx(task.model, meta, work / name, tile, batch, ref_path)
                 path = exports[ref_path]

@@ -142,12 +142,17 @@ def test_torchao_int8_row_quantises_the_projections(task, batches, tmp_path, one
 
 
 @pytest.mark.slow  # two ONNX exports (tens of seconds each on 2 cores)
-def test_onnx_rows_and_the_speed_script_on_a_tiny_model(task, batches, tmp_path, one_thread):
+def test_onnx_rows_and_the_speed_script_on_a_tiny_model(task, batches, tiny_loveda, tmp_path, monkeypatch,
+                                                        one_thread):
     import json
 
     import onnx_speed
 
     pytest.importorskip("torchao", reason="torchao is the optional int8 backend (pip install torchao)")
+    dm = SegDataModule(dataset="loveda", root=str(tiny_loveda))
+    # what a checkpoint of a fit on this data records (the ONNX file carries it)
+    monkeypatch.setattr(task, "meta", {"classes": list(dm.classes), "num_classes": K, "mean": list(dm.mean),
+                                       "std": list(dm.std), "palette": [list(c) for c in dm.palette]})
     rows = pa.measure(task, batches, ["fp32", "onnx-fp32", "int8-onnx", "int8-onnx-ref"], tmp_path)
     by = {r["variant"]: r for r in rows}
     for name in ("onnx-fp32", "int8-onnx", "int8-onnx-ref"):
