@@ -60,7 +60,7 @@ def _scan(layer: ViLLayer, x: torch.Tensor, amp: torch.dtype | None) -> torch.Te
     # back and forth around the projections); the cell's inputs are float32 as always.
     keep = amp is not None and _cpu_inference(x)
     xa_t = _cast(x, amp, "layer.x_amp").transpose(1, 2) if keep else x_t
-    up = _left_matmul(layer.proj_up.weight, xa_t, "layer.up", amp, keep)  # (B, 2e, S)
+    up = _left_matmul(layer.proj_up.weight, xa_t, "layer.up", amp)  # (B, 2e, S), in amp when kept
     x_m, z = up.chunk(2, dim=1)
     x_m = _cast(x_m, x.dtype, "layer.x_m")
     a = F.silu(_causal_conv(x_m, layer.conv1d.conv.weight, layer.conv1d.conv.bias), inplace)
@@ -193,11 +193,9 @@ def _fold_block_diag(w_gate: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     return torch.einsum("gbo,boi->gbi", w_gate.reshape(-1, nb, bs), weight).reshape(w_gate.shape[0], -1)
 
 
-def _left_matmul(
-    weight: torch.Tensor, x: torch.Tensor, key: str, amp: torch.dtype | None, keep: bool = False
-) -> torch.Tensor:
-    """weight (P, K) @ x (B, K, S) -> (B, P, S) contiguous (torch.matmul would return a transposed view);
-    the GEMM's operands in ``amp`` when given, the result in x's dtype (in ``amp`` with ``keep``)."""
+def _left_matmul(weight: torch.Tensor, x: torch.Tensor, key: str, amp: torch.dtype | None) -> torch.Tensor:
+    """weight (P, K) @ x (B, K, S) -> (B, P, S) contiguous in x's dtype (torch.matmul would return a
+    transposed view); the GEMM's operands in ``amp`` when given."""
     dtype = x.dtype
     if amp is not None:
         weight, x = weight.to(amp), x.to(amp)
@@ -205,7 +203,7 @@ def _left_matmul(
     if not _cpu_inference(x):
         return torch.bmm(w, x).to(dtype)
     out = torch.bmm(w, x, out=scratch(key, (x.shape[0], weight.shape[0], x.shape[2]), x))
-    return out if amp is None or keep else out.to(dtype)
+    return out if amp is None else out.to(dtype)
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype, key: str) -> torch.Tensor:
