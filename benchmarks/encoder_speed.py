@@ -1,13 +1,14 @@
 """Forward time and peak memory of the vil_s encoder (chunkwise vs the seed's parallel backend) against
-timm's ViT-S/16 and Swin-T, batch 1, square inputs, each in float32 and under bf16 autocast.
+timm's ViT-S/16 and Swin-T, batch 1, square inputs, each in float32, under bf16 autocast and (when asked
+for) with torchao's dynamic int8 on every nn.Linear.
 
     python benchmarks/encoder_speed.py [--sizes 256 512 1024 2048] [--device cpu|cuda]
-        [--precisions fp32 bf16] [--models vil_s/chunkwise "swin_t (timm)" ...] [--omp-wait-policy passive]
+        [--precisions fp32 bf16 int8] [--models vil_s/chunkwise "swin_t (timm)" ...] [--omp-wait-policy passive]
 
 Prints a table and writes benchmarks/results/encoder_speed[_cuda].json. Ratios, not absolute times, are
 the result: every row comes from the same run on the same machine. The ratio rows compare vil_s with each
-timm model in the same precision, and each model's bf16 with its own float32 (``fp32/bf16`` > 1: bf16 is
-faster). bf16 is ``torch.autocast(device, bfloat16)``, as ``predict-scene --precision bf16`` runs it; on a
+timm model in the same precision, and each model's bf16 (int8) with its own float32 (``fp32/bf16`` > 1:
+bf16 is faster). bf16 is ``torch.autocast(device, bfloat16)``, as ``predict-scene --precision bf16`` runs it; on a
 CPU it pays only where the CPU has native bf16 GEMMs (AVX512-BF16 or AMX).
 
 Every configuration runs in a fresh process with OMP_WAIT_POLICY=passive unless told otherwise: on a
@@ -41,7 +42,7 @@ MODELS = {
     "swin_t (timm)": ("timm:swin_tiny_patch4_window7_224", {"strict_img_size": False}),
 }
 REFERENCE = "vil_s/chunkwise"
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "int8": None}  # int8: torchao, see measure()
 
 
 def build(name: str, kwargs: dict[str, Any]) -> torch.nn.Module:
@@ -58,6 +59,10 @@ def measure(model: str, size: int, device: str, slow: bool, precision: str = "fp
     dev = torch.device(device)
     name, kwargs = MODELS[model]
     net = build(name, kwargs).to(dev).eval()
+    if precision == "int8":  # torchao dynamic int8 on every nn.Linear; ViL layers on their reference path
+        from precision_accuracy import torchao_int8
+
+        net = torchao_int8(net, names=())
     x = torch.randn(1, 3, size, size, device=dev)
     base = memory_baseline(dev)
     dtype = PRECISIONS[precision]
@@ -69,7 +74,7 @@ def measure(model: str, size: int, device: str, slow: bool, precision: str = "fp
 
 def ratios(rows: list[dict[str, Any]], sizes: list[int], precisions: list[str]) -> list[dict[str, Any]]:
     """The comparisons the note reports, from rows of one run: vil_s over every other model in the same
-    precision, and each model's fp32 time over its bf16 time. A failed or skipped row gives no ratio."""
+    precision, and each model's fp32 time over its time in every other precision. A failed or skipped row gives no ratio."""
     seconds = {(r["model"], r["precision"], r["side"]): r["seconds"] for r in rows if "seconds" in r}
     models = list(dict.fromkeys(r["model"] for r in rows))
     out = []
@@ -84,9 +89,9 @@ def ratios(rows: list[dict[str, Any]], sizes: list[int], precisions: list[str]) 
                 if other != REFERENCE:
                     add(side, precision, f"{REFERENCE} / {other}", (REFERENCE, precision, side),
                         (other, precision, side))
-        if "fp32" in precisions and "bf16" in precisions:
+        for low in (p for p in precisions if p != "fp32" and "fp32" in precisions):
             for model in models:
-                add(side, "-", f"{model} fp32/bf16", (model, "fp32", side), (model, "bf16", side))
+                add(side, "-", f"{model} fp32/{low}", (model, "fp32", side), (model, low, side))
     return out
 
 
@@ -100,7 +105,10 @@ def main() -> None:
         default=1024,
         help="largest side for the quadratic backend (its S x S matrices outgrow RAM)",
     )
-    parser.add_argument("--precisions", nargs="+", choices=list(PRECISIONS), default=list(PRECISIONS))
+    parser.add_argument(
+        "--precisions", nargs="+", choices=list(PRECISIONS), default=["fp32", "bf16"],
+        help="int8 (torchao, the bench extra) is measured only when named",
+    )
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--out", default=None)
     add_omp_wait_policy(parser)

@@ -149,7 +149,7 @@ def test_mamba_upernet_trains_under_a_memory_cap_with_the_chunked_scan():
     assert "memory" in whole.get("error", "").lower(), whole
 
 
-def test_encoder_speed_ratios_compare_within_one_precision_and_bf16_to_fp32():
+def test_encoder_speed_ratios_compare_within_one_precision_and_each_precision_to_fp32():
     def row(model, precision, side, seconds=None):
         r = {"model": model, "precision": precision, "side": side}
         return r if seconds is None else {**r, "seconds": seconds}
@@ -158,15 +158,19 @@ def test_encoder_speed_ratios_compare_within_one_precision_and_bf16_to_fp32():
         row("vil_s/chunkwise", "fp32", 512, 2.0), row("swin_t (timm)", "fp32", 512, 1.6),
         row("vil_s/chunkwise", "bf16", 512, 0.8), row("swin_t (timm)", "bf16", 512, 1.0),
         row("vil_s/parallel", "fp32", 512), row("vil_s/parallel", "bf16", 512, 3.0),  # fp32 row failed
+        row("vil_s/chunkwise", "int8", 512, 4.0), row("swin_t (timm)", "int8", 512, 0.5),
     ]  # fmt: skip
     got = {(r["side"], r["precision"], r["ratio"]): r["value"] for r in
-           encoder_speed.ratios(rows, [512], ["fp32", "bf16"])}
+           encoder_speed.ratios(rows, [512], ["fp32", "bf16", "int8"])}
     assert got == {
         (512, "fp32", "vil_s/chunkwise / swin_t (timm)"): pytest.approx(1.25),
         (512, "bf16", "vil_s/chunkwise / swin_t (timm)"): pytest.approx(0.8),
         (512, "bf16", "vil_s/chunkwise / vil_s/parallel"): pytest.approx(0.8 / 3.0),
         (512, "-", "vil_s/chunkwise fp32/bf16"): pytest.approx(2.5),
         (512, "-", "swin_t (timm) fp32/bf16"): pytest.approx(1.6),
+        (512, "int8", "vil_s/chunkwise / swin_t (timm)"): pytest.approx(8.0),
+        (512, "-", "vil_s/chunkwise fp32/int8"): pytest.approx(0.5),
+        (512, "-", "swin_t (timm) fp32/int8"): pytest.approx(3.2),
     }
 
 
