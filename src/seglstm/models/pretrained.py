@@ -100,11 +100,17 @@ VIL_WEIGHTS: dict[str, PretrainedWeights] = {
     )
 }
 
-# The timm networks the comparison presets build (seglstm.models.comparison).
-_TIMM_MODELS = (
-    "resnet18", "resnet50", "resnet101", "hrnet_w18_small_v2", "hrnet_w18", "hrnet_w48",
-    "vit_small_patch16_224", "swin_tiny_patch4_window7_224",
-)  # fmt: skip
+# The timm networks the comparison presets build (seglstm.models.comparison), and those presets.
+TIMM_ENCODERS: dict[str, tuple[str, ...]] = {
+    "resnet18": ("deeplabv3plus_r18", "pspnet_r18"),
+    "resnet50": ("deeplabv3plus_r50", "pspnet_r50"),
+    "resnet101": ("deeplabv3plus_r101", "pspnet_r101"),
+    "hrnet_w18_small_v2": ("fcn_hr18s",),
+    "hrnet_w18": ("fcn_hr18",),
+    "hrnet_w48": ("fcn_hr48",),
+    "vit_small_patch16_224": ("vit_s_upernet",),
+    "swin_tiny_patch4_window7_224": ("swin_t_upernet",),
+}
 
 
 def timm_weight_names() -> list[str]:
@@ -113,7 +119,7 @@ def timm_weight_names() -> list[str]:
     from timm.models import get_pretrained_cfg
 
     names = []
-    for arch in _TIMM_MODELS:
+    for arch in TIMM_ENCODERS:
         cfg = get_pretrained_cfg(arch)
         if cfg is not None and cfg.hf_hub_id:
             names.append(cfg.hf_hub_id.split("/", 1)[-1])

@@ -42,7 +42,7 @@ def _timm_pretrained(model_name: str, pretrained: bool | str | os.PathLike | Non
     )
 
 
-def _create_timm(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
+def create_timm_model(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
     """``timm.create_model`` with a one-line error when the pretrained weights cannot be fetched."""
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
@@ -97,7 +97,7 @@ class TimmEncoder(nn.Module):
         build_name, pretrained, extra = _timm_pretrained(model_name, pretrained)
         timm_kwargs.update(extra)
         if mode == "features_only":
-            self.model = _create_timm(
+            self.model = create_timm_model(
                 build_name,
                 pretrained=pretrained,
                 features_only=True,
@@ -107,7 +107,7 @@ class TimmEncoder(nn.Module):
             info = self.model.feature_info.get_dicts()
             self._channels_last = str(getattr(self.model, "output_fmt", "NCHW")).endswith("NHWC")
         else:
-            self.model = _create_timm(build_name, pretrained=pretrained, num_classes=0, **timm_kwargs)
+            self.model = create_timm_model(build_name, pretrained=pretrained, num_classes=0, **timm_kwargs)
             if not hasattr(self.model, "forward_intermediates"):
                 raise ValueError(
                     f"timm model {model_name!r} has no forward_intermediates; use mode='features_only'"
