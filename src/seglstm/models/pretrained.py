@@ -21,6 +21,7 @@ import http.client
 import os
 import sys
 import urllib.error
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,9 +30,11 @@ from torch import nn
 
 __all__ = [
     "BASE_URL_ENV",
+    "TIMM_ENCODERS",
     "VIL_WEIGHTS",
     "PretrainedWeights",
     "PretrainedWeightsError",
+    "cached_weights",
     "fetch_weights",
     "is_weights_name",
     "resolve_pretrained",
@@ -192,7 +195,9 @@ def _verify(weights: PretrainedWeights, path: Path) -> None:
     with torch.device("meta"):
         encoder = create_encoder(weights.encoders[0], img_size=224)
     try:
-        load_pretrained(encoder, path, strict=True)
+        with warnings.catch_warnings():  # the final copy into meta tensors is the intended no-op
+            warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter", category=UserWarning)
+            load_pretrained(encoder, path, strict=True)
     except (CheckpointLoadError, CheckpointMismatchError, ValueError) as err:
         raise PretrainedWeightsError(f"{where}: not a usable {weights.name} checkpoint: {err}") from err
 
@@ -210,7 +215,12 @@ def fetch_weights(name: str, progress: bool = True, force: bool = False) -> Path
     # The file appears under its final name only after every check passed.
     with atomic_path(path) as tmp:
         _download(url, tmp, progress)
-        _verify(weights, tmp)
+        try:
+            _verify(weights, tmp)
+        except PretrainedWeightsError as err:
+            raise PretrainedWeightsError(
+                f"{err}; nothing was cached: try again, or download the file by hand and pass its local path"
+            ) from err
     return path
 
 
