@@ -298,3 +298,31 @@ def test_timm_names_offline_and_local_file(tmp_path, monkeypatch):
     model = create_model("deeplabv3plus_r18", num_classes=3, pretrained=str(path))
     assert torch.equal(model.backbone.model.conv1.weight, reference.conv1.weight)
     assert torch.equal(model.backbone.model.layer4[1].bn2.running_var, reference.layer4[1].bn2.running_var)
+
+
+def test_rebuilding_a_trained_checkpoint_does_not_fetch_its_start_weights(published, server, registry, tmp_path):
+    from seglstm.inference.loading import load_segmentor
+    from seglstm.models.registry import create_model
+    from seglstm.training.task import META_KEY
+
+    def seglstm_fcn_pt_tiny(**kwargs):
+        return _create_seglstm("fcn", "vil_pt_tiny", **kwargs)
+
+    registry.model(seglstm_fcn_pt_tiny)
+    kwargs = {"img_size": 224, "pretrained": NAME}
+    trained = create_model("seglstm_fcn_pt_tiny", num_classes=3, **kwargs)
+    with torch.no_grad():
+        for p in trained.parameters():  # "training" moved every weight away from the start weights
+            p.add_(torch.randn_like(p))
+    meta = {"model": "seglstm_fcn_pt_tiny", "model_kwargs": kwargs, "num_classes": 3, "classes": ["a", "b", "c"],
+            "palette": [[0, 0, 0], [1, 1, 1], [2, 2, 2]], "mean": [0.0] * 3, "std": [1.0] * 3}
+    path = tmp_path / "trained.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in trained.state_dict().items()}, META_KEY: meta}, path)
+    for cached in cache_dir(tmp_path).iterdir():  # another machine: nothing cached, the server unreachable
+        cached.unlink()
+    del server.files[FILE]
+
+    model, _ = load_segmentor(path)
+    assert server.hits == {FILE: 1}
+    for key, value in trained.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
