@@ -181,6 +181,17 @@ def test_truncated_file_is_refused_and_not_cached(published, server, tmp_path, m
     assert list(cache_dir(tmp_path).iterdir()) == []
 
 
+def test_damaged_cached_file_says_to_delete_it(published, server, tmp_path):
+    cache_dir(tmp_path).mkdir(parents=True)
+    cached = cache_dir(tmp_path) / FILE
+    cached.write_bytes(published[1][:1000])  # e.g. a copy cut short by a full disk
+    with pytest.raises(PretrainedWeightsError) as info:
+        create_encoder("vil_pt_tiny", img_size=224, pretrained=True)
+    text = str(info.value)
+    assert str(cached) in text and "truncated" in text and text.endswith("delete this cached file to download it again")
+    assert server.hits == {}
+
+
 def test_wrong_hash_is_refused(published, server, tmp_path, monkeypatch):
     _, data = published
     register(monkeypatch, size=len(data), sha256=hashlib.sha256(b"other").hexdigest())
@@ -236,6 +247,19 @@ def test_weights_that_do_not_fit_are_refused_before_downloading(published, serve
     with pytest.raises(PretrainedWeightsError, match=rf"{NAME} fits vil_pt_tiny \(width 32, 8 blocks.*width 48, 8"):
         _create_vil(48, DEPTHS, pretrained=NAME)
     assert server.hits == {}
+    with pytest.raises(PretrainedWeightsError, match="pretrained=True: no published weights fit this model"):
+        _create_vil(48, DEPTHS, pretrained=True)
+    assert server.hits == {}
+
+
+def test_pretrained_true_takes_the_first_name_that_fits(published, server):
+    sd, _ = published
+    assert_loaded(create_encoder("vil_pt_tiny", img_size=224, pretrained=True), sd)
+    assert server.hits == {FILE: 1}
+    with torch.device("meta"):  # the real presets: which name True means (nothing is fetched here)
+        assert pretrained._default_for(create_encoder("vil_s")) == "vil_s_in1k"
+        assert pretrained._default_for(create_encoder("vil_t_44124")) == "vil_t_in1k"
+        assert pretrained._default_for(create_encoder("vil_b")) == "vil_b_in1k"
 
 
 def entry(listing: str, name: str) -> str:

@@ -142,7 +142,7 @@ def _adapt_input_convs(sd: dict[str, torch.Tensor], own: dict[str, torch.Tensor]
 
 def load_pretrained(
     module: nn.Module,
-    path_or_state_dict: str | os.PathLike | Mapping[str, Any],
+    path_or_state_dict: str | os.PathLike | Mapping[str, Any] | bool,
     strict: bool = True,
     unsafe: bool = False,
 ) -> LoadReport:
@@ -151,7 +151,8 @@ def load_pretrained(
     Args:
         module: a ``VisionLSTM`` encoder or an ``EncoderDecoder`` segmentor.
         path_or_state_dict: a file (loaded with ``weights_only=True`` unless ``unsafe``), a mapping, or a
-            published weights name (``vil_s_in1k``, see ``seglstm weights``), fetched into torch's hub cache.
+            published weights name (``vil_s_in1k``, see ``seglstm weights``), fetched into torch's hub cache;
+            ``True`` takes the first published name that fits the encoder.
         strict: raise when keys are missing or unexpected (for a classification checkpoint, only the
             encoder is checked; heads stay as initialised).
     Returns:
@@ -167,8 +168,8 @@ def load_pretrained(
         try:
             obj = torch_load(source, unsafe=unsafe)
         except CheckpointLoadError as err:
-            if source == os.fspath(path_or_state_dict):
-                raise
+            if path_or_state_dict is not True and source == os.fspath(path_or_state_dict):
+                raise  # the user's own file: torch_load's message says it all
             raise PretrainedWeightsError(f"{err}; delete this cached file to download it again") from err
     sd, fmt, target = _adapt(_unwrap(obj, source), module)
 

@@ -224,13 +224,32 @@ def fetch_weights(name: str, progress: bool = True, force: bool = False) -> Path
     return path
 
 
-def resolve_pretrained(spec: str | os.PathLike, module: nn.Module | None = None) -> str:
+def _default_for(module: nn.Module | None) -> str:
+    """The first listed name that fits ``module`` (for ``pretrained=True``)."""
+    for name, weights in VIL_WEIGHTS.items():
+        try:
+            if module is not None:
+                _check_fits(weights, module)
+                return name
+        except PretrainedWeightsError:
+            continue
+    raise PretrainedWeightsError(
+        "pretrained=True: no published weights fit this model; name a checkpoint file instead "
+        f"(the names, {', '.join(VIL_WEIGHTS)}, fit {', '.join(e for w in VIL_WEIGHTS.values() for e in w.encoders)})"
+    )
+
+
+def resolve_pretrained(spec: str | os.PathLike | bool, module: nn.Module | None = None) -> str:
     """A checkpoint path for ``spec``: an existing file as given, a weights name as its cached file.
 
     Args:
-        spec: a local checkpoint or a name of ``VIL_WEIGHTS``; a file wins over a name.
+        spec: a local checkpoint or a name of ``VIL_WEIGHTS``; a file wins over a name. ``True`` takes the
+            first name that fits ``module`` (``vil_s_in1k`` for ``vil_s``), as ``pretrained=True`` takes
+            timm's default weights for the comparison models.
         module: the model the weights are for; checked to fit before anything is downloaded.
     """
+    if spec is True:
+        spec = _default_for(module)
     path = os.fspath(spec)
     if os.path.exists(path) or not is_weights_name(path):
         return path
