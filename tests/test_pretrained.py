@@ -221,6 +221,7 @@ def test_http_error_and_closed_port_say_offline(server, monkeypatch, tmp_path):
         create_encoder("vil_pt_tiny", pretrained=NAME)
     text = str(info.value)
     assert f"cannot download {server.url}{FILE} (HTTP Error 404" in text and "pass the local file" in text
+    assert text.endswith(f"or copy it to {cache_dir(tmp_path) / FILE}")
     assert "\n" not in text
 
     with socket.socket() as sock:  # a port nothing listens on

@@ -16,7 +16,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="list the names (the default)")
     dl = sub.add_parser("download", help="download one name into the cache")
     dl.add_argument("name")
-    dl.add_argument("--force", action="store_true", help="download again even when cached")
+    dl.add_argument("--force", action="store_true", help="download a Vision-LSTM file again even when cached (timm manages its own cache)")
     dl.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 

@@ -161,14 +161,14 @@ def _check_fits(weights: PretrainedWeights, module: nn.Module) -> None:
         )
 
 
-def _download(url: str, dst: Path, progress: bool) -> None:
+def _download(url: str, dst: Path, progress: bool, cache_path: Path) -> None:
     try:
         torch.hub.download_url_to_file(url, os.fspath(dst), progress=progress)
     except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
         reason = err if isinstance(err, urllib.error.HTTPError) else getattr(err, "reason", None) or err
         raise PretrainedWeightsError(
             f"cannot download {url} ({reason}); offline? Download it elsewhere and pass the local file "
-            "(pretrained=/path/to/file), or copy it into the cache folder shown by 'seglstm weights'"
+            f"(pretrained=/path/to/file), or copy it to {cache_path}"
         ) from err
 
 
@@ -214,7 +214,7 @@ def fetch_weights(name: str, progress: bool = True, force: bool = False) -> Path
     print(f"downloading {url} to {path}", file=sys.stderr)
     # The file appears under its final name only after every check passed.
     with atomic_path(path) as tmp:
-        _download(url, tmp, progress)
+        _download(url, tmp, progress, path)
         try:
             _verify(weights, tmp)
         except PretrainedWeightsError as err:
@@ -226,13 +226,12 @@ def fetch_weights(name: str, progress: bool = True, force: bool = False) -> Path
 
 def _default_for(module: nn.Module | None) -> str:
     """The first listed name that fits ``module`` (for ``pretrained=True``)."""
-    for name, weights in VIL_WEIGHTS.items():
+    for name, weights in VIL_WEIGHTS.items() if module is not None else ():
         try:
-            if module is not None:
-                _check_fits(weights, module)
-                return name
+            _check_fits(weights, module)
         except PretrainedWeightsError:
             continue
+        return name
     raise PretrainedWeightsError(
         "pretrained=True: no published weights fit this model; name a checkpoint file instead "
         f"(the names, {', '.join(VIL_WEIGHTS)}, fit {', '.join(e for w in VIL_WEIGHTS.values() for e in w.encoders)})"
