@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from seglstm.utils.io import CheckpointLoadError
+
 __all__ = [
     "BASE_URL_ENV",
     "TIMM_ENCODERS",
@@ -50,8 +52,9 @@ _VIL_SOURCE = "NX-AI Vision-LSTM (torch.hub nx-ai/vision-lstm '{hub}'), ImageNet
 _VIL_LICENCE = "not stated (repository MIT, model code AGPL-3.0)"
 
 
-class PretrainedWeightsError(RuntimeError):
-    """Weights named by the user cannot be fetched or are not what their name promises."""
+class PretrainedWeightsError(CheckpointLoadError):
+    """Weights named by the user cannot be fetched or are not what their name promises (a checkpoint load
+    error, so the commands report it in one line)."""
 
 
 @dataclass(frozen=True)
@@ -177,7 +180,6 @@ def _verify(weights: PretrainedWeights, path: Path) -> None:
     the meta device (no memory, no initialisation)."""
     from seglstm.models.checkpoint import CheckpointMismatchError, load_pretrained
     from seglstm.models.registry import create_encoder
-    from seglstm.utils.io import CheckpointLoadError
 
     where = f"{weights.url} (for {weights.name})"
     size = path.stat().st_size
