@@ -20,6 +20,7 @@ import torch
 
 from seglstm.cli.main import main as cli
 from seglstm.models import pretrained
+from seglstm.models.checkpoint import load_pretrained
 from seglstm.models.pretrained import PretrainedWeights, PretrainedWeightsError
 from seglstm.models.registry import create_encoder
 from seglstm.models.seglstm import _create_seglstm
@@ -297,8 +298,6 @@ def test_published_names_fit_their_encoders(name):
         flat = VisionLSTM(img_size=224, embed_dim=weights.embed_dim, depths=(weights.depth,))
         sd = {k: torch.empty_like(v) for k, v in published_layout(flat, torch.Generator()).items()}
         for encoder_name in weights.encoders:
-            from seglstm.models.checkpoint import load_pretrained
-
             report = load_pretrained(create_encoder(encoder_name), sd)
             assert report.format == "vision-lstm-v1" and not report.missing_keys
 
