@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plot-log": ("seglstm.cli.plot_log", "draw loss / mIoU curves of a run to PNG"),
     "compare": ("seglstm.cli.compare", "train and measure several models under one budget"),
     "demo": ("seglstm.cli.demo", "the main job on the built-in synthetic data"),
+    "weights": ("seglstm.cli.weights", "list the pretrained weights by name, and whether each is cached"),
 }
 
 

@@ -118,6 +118,9 @@ def load_segmentor(
     test_cfg = dict(stored.get("test_cfg") or hparams.get("test_cfg") or {})
     test_cfg.update(cfg_model.get("test_cfg") or {})
 
+    # The checkpoint holds the trained weights: the start weights of training (a path or a weights name,
+    # perhaps not on this machine, or needing a download) are not loaded again.
+    model_kwargs.pop("pretrained", None)
     model = create_model(name, num_classes=num_classes, **model_kwargs)
     load_pretrained(model, ckpt, strict=True)
     model.eval()

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from seglstm.utils.io import torch_load
+from seglstm.models.pretrained import PretrainedWeightsError, resolve_pretrained
+from seglstm.utils.io import CheckpointLoadError, torch_load
 
 __all__ = ["CheckpointMismatchError", "LoadReport", "load_pretrained"]
 
@@ -64,10 +65,38 @@ def _fmt_keys(keys: list[str], limit: int = 20) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+# The files NX-AI publishes (ml.jku.at/research/vision_lstm/download/*.th) hold the state dict of their
+# training code, which nests the blocks in an ``xlstm`` block stack; their hubconf.py renames it to the
+# standalone model's names ("preprocess v1") before loading. Same renaming, in the same order, here.
+_VIL_TRAINING_RENAMES = ((".xlstm.", ".layer."), ("xlstm.", ""), (".xlstm_norm.", ".norm."))
+_VIL_TRAINING_HEAD = {
+    "post_blocks_norm.weight": "legacy_norm.weight",
+    "head.0.weight": "norm.weight",
+    "head.0.bias": "norm.bias",
+    "head.1.weight": "head.weight",
+    "head.1.bias": "head.bias",
+}
+
+
+def _vil_from_training_layout(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a published Vision-LSTM v1 file (``xlstm.blocks.{i}.xlstm.*``) to the ``blocks.{i}.layer.*``
+    layout; non-persistent ``causal_mask`` buffers that older training runs saved are dropped."""
+    out = {}
+    for key, value in sd.items():
+        if "causal_mask" in key:
+            continue
+        for old, new in _VIL_TRAINING_RENAMES:
+            key = key.replace(old, new)
+        out[_VIL_TRAINING_HEAD.get(key, key)] = value
+    return out
+
+
 def _adapt(sd: dict[str, torch.Tensor], module: nn.Module) -> tuple[dict[str, torch.Tensor], str, nn.Module]:
     """Return (state dict, format name, the module it targets) for the checkpoint's layout."""
     from seglstm.models.vil import VisionLSTM, checkpoint_filter_fn, resample_pos_embed
 
+    if any(k.startswith("xlstm.blocks.") for k in sd):  # a published Vision-LSTM v1 file, as downloaded
+        sd = _vil_from_training_layout(sd)
     own = module.state_dict()
     # Lightning wraps the segmentor as `model.`; strip it when the module does not.
     if not any(k in own for k in sd) and all(k.startswith("model.") for k in sd):
@@ -113,7 +142,7 @@ def _adapt_input_convs(sd: dict[str, torch.Tensor], own: dict[str, torch.Tensor]
 
 def load_pretrained(
     module: nn.Module,
-    path_or_state_dict: str | os.PathLike | Mapping[str, Any],
+    path_or_state_dict: str | os.PathLike | Mapping[str, Any] | bool,
     strict: bool = True,
     unsafe: bool = False,
 ) -> LoadReport:
@@ -121,19 +150,27 @@ def load_pretrained(
 
     Args:
         module: a ``VisionLSTM`` encoder or an ``EncoderDecoder`` segmentor.
-        path_or_state_dict: a file (loaded with ``weights_only=True`` unless ``unsafe``) or a mapping.
+        path_or_state_dict: a file (loaded with ``weights_only=True`` unless ``unsafe``), a mapping, or a
+            published weights name (``vil_s_in1k``, see ``seglstm weights``), fetched into torch's hub cache;
+            ``True`` takes the first published name that fits the encoder.
         strict: raise when keys are missing or unexpected (for a classification checkpoint, only the
             encoder is checked; heads stay as initialised).
     Returns:
         A ``LoadReport`` with the format detected and the missing / unexpected keys.
     Raises:
-        CheckpointMismatchError naming the offending keys and shapes.
+        CheckpointMismatchError naming the offending keys and shapes; PretrainedWeightsError when a
+        weights name cannot be downloaded or its file fails the checks.
     """
     if isinstance(path_or_state_dict, Mapping):
         source, obj = "state dict", path_or_state_dict
     else:
-        source = os.fspath(path_or_state_dict)
-        obj = torch_load(source, unsafe=unsafe)
+        source = resolve_pretrained(path_or_state_dict, module)
+        try:
+            obj = torch_load(source, unsafe=unsafe)
+        except CheckpointLoadError as err:
+            if path_or_state_dict is not True and source == os.fspath(path_or_state_dict):
+                raise  # the user's own file: torch_load's message says it all
+            raise PretrainedWeightsError(f"{err}; delete this cached file to download it again") from err
     sd, fmt, target = _adapt(_unwrap(obj, source), module)
 
     own = target.state_dict()

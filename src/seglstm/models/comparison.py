@@ -47,7 +47,7 @@ def _create_comparison(
     neck_cfg: Mapping[str, Any] | None = None,
     aux_cfg: Mapping[str, Any] | None = None,
     auxiliary: bool = True,
-    pretrained: bool = False,
+    pretrained: bool | str = False,
     **overrides: Any,
 ) -> EncoderDecoder:
     """Assemble one comparison segmentor from a preset's settings and the user's overrides.
@@ -59,7 +59,9 @@ def _create_comparison(
         neck_cfg: ``MultiLevelNeck`` settings (``out_channels``, ``scales``), or None for no neck.
         aux_cfg: the auxiliary ``FCNHead`` settings; None means the preset has none (mmseg's fcn_hr*).
         auxiliary: set False to drop a preset's auxiliary head.
-        pretrained: load timm's ImageNet weights into the encoder (downloads from the Hugging Face hub).
+        pretrained: load timm's ImageNet weights into the encoder (downloads from the Hugging Face hub):
+            ``True`` for timm's default ones, a timm pretrained name of the encoder's network
+            (``"resnet50.a1_in1k"``, listed by ``seglstm weights``) or a local file.
         **overrides: ``EncoderDecoder``'s options (``aux_loss_weight``, ``class_weight``, ``ignore_index``,
             ``test_cfg`` ...) go to the segmentor, arguments of the decode head's constructor (``channels``,
             ``dropout_ratio`` ...) to the decode head, all others to the encoder (``drop_path_rate``,
@@ -92,7 +94,7 @@ def _create_comparison(
     return EncoderDecoder(backbone, decode_head, neck=neck, auxiliary_head=aux_head, **segmentor_kw)
 
 
-def _timm_encoder(pretrained: bool = False, **kwargs: Any) -> TimmEncoder:
+def _timm_encoder(pretrained: bool | str = False, **kwargs: Any) -> TimmEncoder:
     return TimmEncoder(pretrained=pretrained, **kwargs)
 
 

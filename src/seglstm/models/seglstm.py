@@ -45,7 +45,7 @@ def _create_seglstm(
     neck_channels: int | None = None,
     auxiliary: bool = True,
     aux_cfg: Mapping[str, Any] | None = None,
-    pretrained: str | os.PathLike | None = None,
+    pretrained: str | os.PathLike | bool | None = None,
     **overrides: Any,
 ) -> EncoderDecoder:
     """Assemble encoder, optional neck, decode head and auxiliary FCN head.
@@ -57,7 +57,8 @@ def _create_seglstm(
             (``MultiLevelNeck`` to 1/4 .. 1/32, ``neck_channels`` wide, the encoder width by default).
         auxiliary: add the seed's auxiliary FCNHead (in_index 2, 256 channels); ``aux_cfg`` overrides it.
         pretrained: checkpoint loaded with ``seglstm.models.checkpoint.load_pretrained`` (a Seg-LSTM/mmseg
-            segmentor checkpoint, or a Vision-LSTM classification checkpoint for the encoder only).
+            segmentor checkpoint, or a Vision-LSTM classification checkpoint for the encoder only), a
+            published weights name (``vil_s_in1k``, ``seglstm weights``) or ``True`` for the first that fits.
         **overrides: ``EncoderDecoder``'s options (``aux_loss_weight``, ``class_weight``, ``dice_weight``,
             ``lovasz_weight``, ``avg_non_ignore``, ``ignore_index``, ``test_cfg`` ...) go to the segmentor,
             keyword arguments of the decode head's constructor (``channels``, ``dropout_ratio``,

@@ -11,6 +11,7 @@ are not multiples of their stride, so the input is padded and every map cropped 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -19,8 +20,41 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seglstm.models.pretrained import PretrainedWeightsError
+
 FeatureMode = Literal["features_only", "intermediates"]
 _NO_DECAY_KEYS = ("pos_embed", "cls_token", "dist_token", "reg_token", "relative_position_bias_table")
+
+
+def _timm_pretrained(model_name: str, pretrained: bool | str | os.PathLike | None) -> tuple[str, bool, dict]:
+    """(name to build, timm's pretrained flag, extra ``create_model`` arguments) for ``pretrained``."""
+    if pretrained is None or isinstance(pretrained, bool):
+        return model_name, bool(pretrained), {}
+    spec = os.fspath(pretrained)
+    if os.path.isfile(spec):
+        return model_name, True, {"pretrained_cfg_overlay": {"file": spec}}
+    arch = model_name.split(".")[0]
+    known = timm.list_pretrained(f"{arch}.*")
+    if spec == arch or spec in known:
+        return spec, True, {}
+    raise ValueError(
+        f"pretrained={spec!r} is neither a file nor a timm pretrained name of {arch} (known: {', '.join(known)})"
+    )
+
+
+def create_timm_model(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
+    """``timm.create_model`` with a one-line error when the pretrained weights cannot be fetched."""
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except OSError as err:
+        if not pretrained:
+            raise
+        first = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        raise PretrainedWeightsError(
+            f"cannot fetch timm's pretrained weights for {name!r} from the Hugging Face hub ({first}); offline? "
+            "Download them elsewhere (timm.create_model(name, pretrained=True) fills the hub cache, or fetch "
+            "model.safetensors from huggingface.co/timm/<name>) and pass the local file as pretrained=PATH"
+        ) from err
 
 
 class TimmEncoder(nn.Module):
@@ -32,7 +66,10 @@ class TimmEncoder(nn.Module):
             full model, prunes the blocks, final norm and classifier it does not need and calls
             ``forward_intermediates`` (plain ViTs, whose stages are blocks at one stride).
         out_indices: stage indices (features_only) or block indices (intermediates) to return.
-        pretrained: load timm's pretrained weights (needs the Hugging Face hub or a local cache).
+        pretrained: ``True`` loads timm's default pretrained weights for ``model_name``; a timm pretrained
+            name of the same network (``"resnet50.tv_in1k"``) picks other ones; a local file (``.safetensors``
+            or ``.pth`` with timm's key names) is loaded through timm's ``pretrained_cfg_overlay``. timm
+            downloads through the Hugging Face hub and caches there.
         pad_multiple: pad the input on the bottom/right to a multiple of this before the backbone; ``None``
             uses the largest output stride, which every timm family accepts.
         **timm_kwargs: passed to ``timm.create_model`` (``output_stride``, ``img_size``, ``dynamic_img_size``,
@@ -44,7 +81,7 @@ class TimmEncoder(nn.Module):
         model_name: str,
         mode: FeatureMode = "features_only",
         out_indices: Sequence[int] = (0, 1, 2, 3),
-        pretrained: bool = False,
+        pretrained: bool | str | os.PathLike = False,
         pad_multiple: int | None = None,
         **timm_kwargs: Any,
     ) -> None:
@@ -57,9 +94,11 @@ class TimmEncoder(nn.Module):
         self.mode = mode
         self.out_indices = tuple(int(i) for i in out_indices)
 
+        build_name, pretrained, extra = _timm_pretrained(model_name, pretrained)
+        timm_kwargs.update(extra)
         if mode == "features_only":
-            self.model = timm.create_model(
-                model_name,
+            self.model = create_timm_model(
+                build_name,
                 pretrained=pretrained,
                 features_only=True,
                 out_indices=self.out_indices,
@@ -68,7 +107,7 @@ class TimmEncoder(nn.Module):
             info = self.model.feature_info.get_dicts()
             self._channels_last = str(getattr(self.model, "output_fmt", "NCHW")).endswith("NHWC")
         else:
-            self.model = timm.create_model(model_name, pretrained=pretrained, num_classes=0, **timm_kwargs)
+            self.model = create_timm_model(build_name, pretrained=pretrained, num_classes=0, **timm_kwargs)
             if not hasattr(self.model, "forward_intermediates"):
                 raise ValueError(
                     f"timm model {model_name!r} has no forward_intermediates; use mode='features_only'"
