@@ -305,7 +305,7 @@ def test_two_ranks_on_gloo_share_the_scenes(tmp_path, rng, fake_loader):
     src, out, ref = tmp_path / "src", tmp_path / "out", tmp_path / "ref"
     raws = _scenes(src, rng, 300)
     _reference_runs(seglstm, src, ref)
-    procs = _launch(tmp_path, [*BASE[1:], str(src / "s*.tif"), "--out-dir", str(out), *PRODUCTS])
+    procs = _launch(tmp_path, [*BASE, str(src / "s*.tif"), "--out-dir", str(out), *PRODUCTS])
     for proc in procs:
         proc.wait(timeout=600)
     assert [p.returncode for p in procs] == [1, 1], _logs(tmp_path)  # both ranks report the failed scene
@@ -325,7 +325,7 @@ def test_a_rank_killed_mid_scene_and_the_rerun_finishes_only_what_is_missing(tmp
     # 600x130 at tile 64, overlap 16: 13 x 3 windows, 10 batches of 4 per scene; rank 1 runs s1 then s3 and
     # hangs at its 16th batch, the 6th of s3, after s3's first block row is flushed
     procs = _launch(
-        tmp_path, [*BASE[1:], str(src / "s*.tif"), "--out-dir", str(out), *PRODUCTS], hang={1: 16}
+        tmp_path, [*BASE, str(src / "s*.tif"), "--out-dir", str(out), *PRODUCTS], hang={1: 16}
     )
     try:
         deadline = time.monotonic() + 400
