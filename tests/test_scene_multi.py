@@ -202,6 +202,16 @@ def test_launch_is_read_from_torchrun_and_slurm_environments():
     assert Launch(1, 2, 1).device("cpu") == "cpu"
 
 
+def test_each_rank_takes_its_local_gpu(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert [Launch(r, 4, r % 2).device("auto") for r in range(4)] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
+    assert Launch(3, 4, 3).device("cuda") == "cuda:1"  # one GPU per task (CUDA_VISIBLE_DEVICES): modulo
+    assert Launch(1, 2, 1).device("cpu") == "cpu" and Launch(1, 2, 1).device("cuda:0") == "cuda:0"
+
+
 def test_region_in_one_process_records_failures_and_reruns_only_what_is_left(
     tmp_path, rng, fake_loader, capsys
 ):
@@ -250,6 +260,11 @@ def test_region_arguments_are_checked(tmp_path, fake_loader, capsys):
         seglstm([*BASE, "a.tif", "--out-dir", str(tmp_path / "o"), "--vector", str(tmp_path / "v.gpkg")]) == 2
     )
     assert "file names inside each scene's folder" in capsys.readouterr().err
+    assert seglstm([*BASE, "a.tif", "--out-dir", str(tmp_path / "o"), "--probs", "classes.tif"]) == 2
+    assert "need different names" in capsys.readouterr().err
+    assert seglstm([*BASE, str(tmp_path / "none*.tif"), "--out-dir", str(tmp_path / "o")]) == 2
+    assert "matches no file" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "run.json").exists()  # nothing recorded for a run that never started
 
 
 # --------------------------------------------------------------------------------- several processes
@@ -268,51 +283,74 @@ CHILD = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_port(lo: int = 0) -> int:
+    """A free port (at or above ``lo`` when given: SLURM's port is 15000 + the job id's last 4 digits)."""
+    for port in [0] if not lo else range(lo, lo + 10_000):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError("no free port")
 
 
-def _launch(tmp_path: Path, args: list[str], hang: dict[int, int] | None = None) -> list[subprocess.Popen]:
-    """Two ranks started as torchrun starts them (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT)."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("TORCHELASTIC", "LOCAL_RANK", "RANK", "WORLD_SIZE", "SLURM"))
-    }
-    env.update(PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1",
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2")  # fmt: skip
-    procs = []
+def _launch(tmp_path: Path, args: list[str], hang: dict[int, int] | None = None, launcher: str = "env"):
+    """Two ranks as a launcher starts them: ``env`` as torchrun sets each worker's environment, ``torchrun``
+    itself, or ``slurm`` as ``srun --ntasks 2`` does (SLURM_PROCID etc., no MASTER_ADDR). Returns the
+    processes and their log files (a full pipe would stall a rank, so logs go to files)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("TORCHELASTIC", "LOCAL_RANK", "RANK", "WORLD_SIZE", "SLURM", "MASTER_"))}  # fmt: skip
+    env.update(PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
+    child = [sys.executable, "-c", CHILD]
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(_free_port()), "--no-python", *child, "0", str(tmp_path / "hang"), *args]  # fmt: skip
+        log = tmp_path / "torchrun.log"
+        with log.open("w") as fh:
+            return [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=fh)], [log]
+    if launcher == "slurm":
+        port = _free_port(15000)
+        env.update(SLURM_JOB_ID=str(900_000 + port - 15000), SLURM_JOB_NAME="map", SLURM_NTASKS="2",
+                   SLURM_NODELIST="localhost", SLURM_NNODES="1")  # fmt: skip
+        keys = ("SLURM_PROCID", "SLURM_LOCALID")
+    else:
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2")
+        keys = ("RANK", "LOCAL_RANK")
+    procs, logs = [], []
     for rank in (0, 1):
-        # logs go to files: a full pipe would stall a rank
-        with (tmp_path / f"rank{rank}.log").open("w") as log:
+        logs.append(tmp_path / f"rank{rank}.log")
+        with logs[-1].open("w") as fh:
             procs.append(subprocess.Popen(
-                [sys.executable, "-c", CHILD, str((hang or {}).get(rank, 0)), str(tmp_path / f"hang{rank}"), *args],
-                cwd=ROOT, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, stdout=log, stderr=log,
+                [*child, str((hang or {}).get(rank, 0)), str(tmp_path / f"hang{rank}"), *args],
+                cwd=ROOT, env={**env, **dict.fromkeys(keys, str(rank))}, stdout=fh, stderr=fh,
             ))  # fmt: skip
-    return procs
+    return procs, logs
 
 
-def _logs(tmp_path: Path) -> str:
-    return "\n".join((tmp_path / f"rank{r}.log").read_text()[-3000:] for r in (0, 1))
+def _tails(logs: list[Path]) -> str:
+    return "\n".join(log.read_text()[-3000:] for log in logs)
 
 
 @pytest.mark.slow
-def test_two_ranks_on_gloo_share_the_scenes(tmp_path, rng, fake_loader):
+@pytest.mark.parametrize("launcher", ["env", "torchrun", "slurm"])
+def test_two_ranks_on_gloo_share_the_scenes(tmp_path, rng, fake_loader, launcher):
     from seglstm.cli.main import main as seglstm
 
     src, out, ref = tmp_path / "src", tmp_path / "out", tmp_path / "ref"
     raws = _scenes(src, rng, 300)
     _reference_runs(seglstm, src, ref)
-    procs = _launch(tmp_path, [*BASE, str(src / "s*.tif"), "--out-dir", str(out), *PRODUCTS])
+    procs, logs = _launch(
+        tmp_path, [*BASE, str(src / "s*.tif"), "--out-dir", str(out), *PRODUCTS], launcher=launcher
+    )
     for proc in procs:
         proc.wait(timeout=600)
-    assert [p.returncode for p in procs] == [1, 1], _logs(tmp_path)  # both ranks report the failed scene
+    # every rank reports the failed scene (torchrun then reports its workers' failure)
+    assert all(p.returncode not in (0, None) for p in procs) and procs[0].returncode != 2, _tails(logs)
     _check_region(out, ref, raws, ranks={0, 1})
     records = {r["name"]: r["rank"] for r in json.loads((out / "manifest.json").read_text())["scenes"]}
     assert records == {"s0": 0, "s1": 1, "s2": 0, "s3": 1, "s4": 0}  # round-robin over the sorted names
-    assert "5 scene(s): 4 done, 1 failed" in (tmp_path / "rank0.log").read_text()
+    assert "5 scene(s): 4 done, 1 failed" in logs[0].read_text()
 
 
 @pytest.mark.slow
@@ -324,13 +362,13 @@ def test_a_rank_killed_mid_scene_and_the_rerun_finishes_only_what_is_missing(tmp
     _reference_runs(seglstm, src, ref)
     # 600x130 at tile 64, overlap 16: 13 x 3 windows, 10 batches of 4 per scene; rank 1 runs s1 then s3 and
     # hangs at its 16th batch, the 6th of s3, after s3's first block row is flushed
-    procs = _launch(
+    procs, logs = _launch(
         tmp_path, [*BASE, str(src / "s*.tif"), "--out-dir", str(out), *PRODUCTS], hang={1: 16}
     )
     try:
         deadline = time.monotonic() + 400
         while not (tmp_path / "hang1").exists():
-            assert procs[1].poll() is None, _logs(tmp_path)
+            assert procs[1].poll() is None, _tails(logs)
             assert time.monotonic() < deadline, "rank 1 never reached the hanging batch"
             time.sleep(0.2)
         assert (out / "s3" / ".classes.tif.partial" / "progress.json").is_file()
@@ -341,7 +379,7 @@ def test_a_rank_killed_mid_scene_and_the_rerun_finishes_only_what_is_missing(tmp
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
-    assert procs[1].returncode == -signal.SIGKILL and procs[0].returncode not in (0, None), _logs(tmp_path)
+    assert procs[1].returncode == -signal.SIGKILL and procs[0].returncode not in (0, None), _tails(logs)
     assert not (out / "manifest.json").exists() and not (out / "s3" / "classes.tif").exists()
     done = {n: (out / n / "scene.json").stat().st_mtime_ns for n in ("s0", "s1", "s4")}
 

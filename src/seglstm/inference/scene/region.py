@@ -235,20 +235,27 @@ class _Group:
             if launch.launcher == "slurm" and "MASTER_ADDR" not in os.environ:
                 from lightning.fabric.plugins.environments import SLURMEnvironment
 
-                slurm = SLURMEnvironment()  # the address and port fit uses: the first node, 15000 + job id
-                os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = (
-                    slurm.main_address,
-                    str(slurm.main_port),
-                )
+                # the address and port fit uses under SLURM: the first node, 15000 + the job id's last 4 digits
+                nodes = os.environ.get("SLURM_NODELIST", "127.0.0.1")
+                os.environ["MASTER_ADDR"] = SLURMEnvironment.resolve_root_node_address(nodes)
+                job = os.environ.get("SLURM_JOB_ID", "")
+                os.environ.setdefault("MASTER_PORT", str(15000 + int(job[-4:])) if job.isdigit() else "12910")
             try:
                 addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
             except (KeyError, ValueError) as err:
                 raise SceneError(
                     f"rank {launch.rank} of {launch.world_size}: MASTER_ADDR and MASTER_PORT must name rank 0's "
-                    "host and a free port (torchrun and srun set them)"
+                    "host and a free port, as torchrun sets them"
                 ) from err
-            store = dist.TCPStore(addr, port, launch.world_size, is_master=launch.rank == 0,
-                                  timeout=JOIN_TIMEOUT, wait_for_workers=True)  # fmt: skip
+            try:
+                store = dist.TCPStore(addr, port, launch.world_size, is_master=launch.rank == 0,
+                                      timeout=JOIN_TIMEOUT, wait_for_workers=True)  # fmt: skip
+            except RuntimeError as err:  # a port in use, an unreachable host, ranks that never came
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                raise SceneError(
+                    f"rank {launch.rank} of {launch.world_size}: could not meet the other ranks at {addr}:{port} "
+                    f"({first}); start every rank with torchrun, or with srun (one task per GPU)"
+                ) from err
         dist.init_process_group("gloo", store=store, rank=launch.rank, world_size=launch.world_size,
                                 timeout=WAIT_TIMEOUT)  # fmt: skip
 
@@ -294,12 +301,15 @@ class SceneOutputs:
             self.preview,
             None if self.vector is None else str(self.vector.path),
         ]
-        for name in filter(None, names):
+        given = [n for n in names if n is not None]
+        for name in given:
             if Path(name).name != name or name.startswith("."):
                 raise SceneError(
                     f"with --out-dir, --probs/--preview/--vector are file names inside each scene's folder, "
                     f"got {name!r}: use a plain name such as {Path(name).name.lstrip('.') or 'out.tif'}"
                 )
+        if len(set(given)) != len(given):
+            raise SceneError(f"with --out-dir, each scene's products need different names, got {given}")
 
 
 @dataclass
@@ -427,8 +437,8 @@ def _check_settings(out_dir: Path, settings: Mapping[str, Any]) -> None:
 def _plan(tokens: Sequence[str], out_dir: Path, settings: Mapping[str, Any], world: int) -> dict:
     """Rank 0's plan: every scene, and the ones still to do dealt round-robin (in name order) to the ranks."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    _check_settings(out_dir, settings)
     scenes = expand_inputs(tokens, out_dir)
+    _check_settings(out_dir, settings)
     digest = settings_digest(settings)
     todo = [s for s in scenes
             if not ((r := SceneRecord.load(out_dir / s.name / RECORD)) and r.done(out_dir, digest))]  # fmt: skip
