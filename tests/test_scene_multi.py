@@ -379,7 +379,8 @@ def test_a_rank_killed_mid_scene_and_the_rerun_finishes_only_what_is_missing(tmp
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
-    assert procs[1].returncode == -signal.SIGKILL and procs[0].returncode not in (0, None), _tails(logs)
+    assert procs[1].returncode == -signal.SIGKILL and procs[0].returncode == 2, _tails(logs)
+    assert "another rank stopped before the end" in logs[0].read_text()
     assert not (out / "manifest.json").exists() and not (out / "s3" / "classes.tif").exists()
     done = {n: (out / n / "scene.json").stat().st_mtime_ns for n in ("s0", "s1", "s4")}
 

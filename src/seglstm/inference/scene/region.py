@@ -262,20 +262,28 @@ class _Group:
     def broadcast(self, obj: Any) -> Any:
         if self.launch.world_size == 1:
             return obj
-        import torch.distributed as dist
-
         box = [obj]
-        dist.broadcast_object_list(box, src=0)
+        self._collective("broadcast_object_list", box, src=0)
         return box[0]
 
     def gather(self, obj: Any) -> list:
         if self.launch.world_size == 1:
             return [obj]
+        out: list = [None] * self.launch.world_size
+        self._collective("all_gather_object", out, obj)
+        return out
+
+    def _collective(self, name: str, *args: Any, **kwargs: Any) -> None:
         import torch.distributed as dist
 
-        out: list = [None] * self.launch.world_size
-        dist.all_gather_object(out, obj)
-        return out
+        try:
+            getattr(dist, name)(*args, **kwargs)
+        except RuntimeError as err:  # gloo: a peer that died closed its sockets
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise SceneError(
+                f"rank {self.launch.rank}: another rank stopped before the end ({first[:200]}); every finished "
+                "scene is recorded: rerun the same command to complete the region"
+            ) from err
 
     def close(self) -> None:
         if self.launch.world_size > 1:
