@@ -20,6 +20,7 @@ import pyogrio.raw
 import pytest
 import rasterio
 import rasterio.merge
+import rasterio.warp
 from affine import Affine
 
 from seglstm.inference.scene import NODATA as NODATA_CLASS
@@ -392,3 +393,69 @@ def test_a_rank_killed_mid_scene_and_the_rerun_finishes_only_what_is_missing(tmp
     assert record["status"] == "ok" and 0 < record["resumed_from_tile"] < record["tiles"]
     assert fake_loader["models"][0].calls < 10  # only the rest of s3 ran (s2 fails before any window)
     _check_region(out, ref, raws, ranks={0, 1})
+
+
+def test_scenes_in_two_crss_get_no_mosaic_until_warped_to_one(tmp_path, rng, fake_loader, caplog):
+    from seglstm.cli.main import main as seglstm
+
+    raw = [
+        np.kron(rng.integers(1, 256, (3, 7, 9), dtype=np.uint8), np.ones((1, 10, 10), np.uint8))
+        for _ in range(2)
+    ]
+    write_tif(tmp_path / "a.tif", raw[0])
+    # b lies just east of a, in the next UTM zone
+    (x,), (y,) = rasterio.warp.transform(CRS, "EPSG:32634", [500_045.0], [4_200_000.0])
+    write_tif(tmp_path / "b.tif", raw[1], crs="EPSG:32634", transform=Affine(0.5, 0, x, 0, -0.5, y))
+    args = [*BASE, str(tmp_path / "a.tif"), str(tmp_path / "b.tif"), "--vector", "p.gpkg"]
+    with caplog.at_level("WARNING"):
+        assert seglstm([*args, "--out-dir", str(tmp_path / "mixed")]) == 0
+    summary = json.loads((tmp_path / "mixed" / "manifest.json").read_text())["summary"]
+    assert summary["ok"] == 2 and summary["mosaic"] is None and summary["vector"] is None
+    assert "2 CRSs" in summary["mosaic_note"] and "--dst-crs" in summary["mosaic_note"]
+    assert "2 CRSs" in summary["vector_note"] and summary["class_area"] is None
+    assert not (tmp_path / "mixed" / "mosaic.vrt").exists() and not (tmp_path / "mixed" / "p.gpkg").exists()
+    assert "no mosaic: the scenes are in 2 CRSs (EPSG:32633, EPSG:32634)" in caplog.text
+
+    assert seglstm([*args, "--out-dir", str(tmp_path / "one"), "--dst-crs", "EPSG:32633"]) == 0
+    out = tmp_path / "one"
+    rasters = [out / n / "classes.tif" for n in ("a", "b")]
+    with rasterio.open(rasters[0]) as a, rasterio.open(rasters[1]) as b:
+        union = (min(a.bounds[0], b.bounds[0]), min(a.bounds[1], b.bounds[1]),
+                 max(a.bounds[2], b.bounds[2]), max(a.bounds[3], b.bounds[3]))  # fmt: skip
+        finest = min(a.res[0], b.res[0])
+    with rasterio.open(out / "mosaic.vrt") as vrt:
+        assert vrt.crs == rasterio.crs.CRS.from_user_input(CRS) and vrt.res == pytest.approx((finest, finest))
+        assert vrt.bounds == pytest.approx(union, abs=finest)
+        mosaic = vrt.read(1)
+        # the scenes' grids are not aligned (b was warped, its origin falls between a's rows), so the mosaic
+        # resamples (nearest) onto its grid: GDAL's warper, putting each raster on that grid, agrees but for
+        # the pixels on a rounding edge (one row)
+        expected = np.full(mosaic.shape, NODATA_CLASS, np.uint8)
+        for raster in rasters:
+            with rasterio.open(raster) as src:
+                one = np.full(mosaic.shape, NODATA_CLASS, np.uint8)
+                rasterio.warp.reproject(src.read(1), one, src_transform=src.transform, src_crs=src.crs,
+                                        dst_transform=vrt.transform, dst_crs=vrt.crs, src_nodata=NODATA_CLASS,
+                                        dst_nodata=NODATA_CLASS, resampling=rasterio.warp.Resampling.nearest)  # fmt: skip
+                expected = np.where(one != NODATA_CLASS, one, expected)
+    assert (mosaic != NODATA_CLASS).sum() > 0.9 * 2 * 70 * 90
+    assert (mosaic != expected).sum() <= mosaic.shape[1] * 1.5
+    assert {row[2] for row in _features(out / "p.gpkg")["rows"]} == {"a", "b"}
+
+
+def test_vrt_mosaics_rasters_of_two_pixel_sizes_at_the_finer_one(tmp_path, rng):
+    from seglstm.inference.scene.region import write_vrt
+
+    fine = rng.integers(0, 4, (1, 40, 60), dtype=np.uint8)
+    coarse = rng.integers(0, 4, (1, 30, 20), dtype=np.uint8)
+    coarse[0, :5, :5] = NODATA_CLASS
+    a = write_tif(tmp_path / "a.tif", fine, nodata=NODATA_CLASS)
+    b = write_tif(tmp_path / "b.tif", coarse, nodata=NODATA_CLASS,
+                  transform=Affine(1.0, 0, 500_000.0 + 25.0, 0, -1.0, 4_200_000.0 + 4.0))  # fmt: skip
+    vrt_path = tmp_path / "sub" / "m.vrt"
+    write_vrt(vrt_path, [a, b], ["w", "x", "y", "z"], palette(4))
+    merged, transform = rasterio.merge.merge([b, a], res=0.5, nodata=NODATA_CLASS)  # b drawn over a
+    with rasterio.open(vrt_path) as vrt:
+        assert vrt.res == (0.5, 0.5) and vrt.transform == transform
+        np.testing.assert_array_equal(vrt.read(1), merged[0])
+    assert (merged[0] == NODATA_CLASS).any() and (merged[0] != NODATA_CLASS).sum() > 40 * 60
