@@ -459,3 +459,36 @@ def test_vrt_mosaics_rasters_of_two_pixel_sizes_at_the_finer_one(tmp_path, rng):
         assert vrt.res == (0.5, 0.5) and vrt.transform == transform
         np.testing.assert_array_equal(vrt.read(1), merged[0])
     assert (merged[0] == NODATA_CLASS).any() and (merged[0] != NODATA_CLASS).sum() > 40 * 60
+
+
+def test_a_remote_item_collection_resolves_assets_against_its_url_and_refuses_local_ones(tmp_path):
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    item = {"type": "Feature", "stac_version": "1.0.0", "geometry": None, "links": [],
+            "properties": {"datetime": "2024-01-01T00:00:00Z"}}  # fmt: skip
+    fc = {
+        "type": "FeatureCollection",
+        "features": [{**item, "id": "t1", "assets": {"rgb": {"href": "img/t1.tif"}}}],
+    }
+    (tmp_path / "stac").mkdir()
+    (tmp_path / "stac" / "items.json").write_text(json.dumps(fc))
+    fc["features"].append({**item, "id": "t2", "assets": {"rgb": {"href": str(tmp_path / "t2.tif")}}})
+    (tmp_path / "stac" / "mixed.json").write_text(json.dumps(fc))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}/stac/"
+    try:
+        (scene,) = expand_inputs([base + "items.json"], tmp_path / "out")
+        copy = json.loads(Path(scene.href).read_text())
+        assert scene.name == "t1" and copy["assets"]["rgb"]["href"] == base + "img/t1.tif"
+        with pytest.raises(SceneError, match=r"item t2 asset rgb points at the local file .*t2\.tif"):
+            expand_inputs([base + "mixed.json"], tmp_path / "out")
+    finally:
+        server.shutdown()
+        server.server_close()

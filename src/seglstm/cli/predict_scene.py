@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "paths",
         nargs="+",
-        metavar="INPUT [OUTPUT]",
+        metavar="PATH",
         help="INPUT OUTPUT.tif: one input raster (a file, an http(s):// or s3:// URL, a /vsi* path, or a STAC "
         "item .json with --asset/--assets) and the output class GeoTIFF. With --out-dir: any number of inputs: "
         "files, URLs, glob patterns ('tiles/*.tif'), @LIST (a text file, one path or URL a line) or STAC "
