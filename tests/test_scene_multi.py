@@ -407,6 +407,12 @@ def test_scenes_in_two_crss_get_no_mosaic_until_warped_to_one(tmp_path, rng, fak
     (x,), (y,) = rasterio.warp.transform(CRS, "EPSG:32634", [500_045.0], [4_200_000.0])
     write_tif(tmp_path / "b.tif", raw[1], crs="EPSG:32634", transform=Affine(0.5, 0, x, 0, -0.5, y))
     args = [*BASE, str(tmp_path / "a.tif"), str(tmp_path / "b.tif"), "--vector", "p.gpkg"]
+    # a first run with a alone has a mosaic; adding b (another CRS) removes it rather than leave it stale
+    assert (
+        seglstm([*BASE, str(tmp_path / "a.tif"), "--vector", "p.gpkg", "--out-dir", str(tmp_path / "mixed")])
+        == 0
+    )
+    assert (tmp_path / "mixed" / "mosaic.vrt").is_file() and (tmp_path / "mixed" / "p.gpkg").is_file()
     with caplog.at_level("WARNING"):
         assert seglstm([*args, "--out-dir", str(tmp_path / "mixed")]) == 0
     summary = json.loads((tmp_path / "mixed" / "manifest.json").read_text())["summary"]

@@ -550,20 +550,22 @@ def finish_region(
     """The manifest (JSON and CSV), the VRT mosaic and the merged polygons, each written atomically."""
     ok = [r for r in records if r.status == "ok"]
     crss = sorted({r.crs for r in ok if r.crs and r.pixel_area is not None})
-    mosaic, mosaic_note = None, None
     placed = [r for r in ok if r.crs and r.pixel_area is not None]
+    mosaic, mosaic_note, written = out_dir / "mosaic.vrt", None, False
     if len(crss) > 1:
         mosaic_note = (f"no mosaic: the scenes are in {len(crss)} CRSs ({', '.join(crss)}); rerun into a new "
                        "--out-dir with --dst-crs to put them in one")  # fmt: skip
-    elif placed:
-        mosaic = out_dir / "mosaic.vrt"
-        write_vrt(mosaic, [out_dir / r.outputs["classes"] for r in placed], classes, palette)
-        if len(placed) < len(ok):
-            mosaic_note = f"{len(ok) - len(placed)} scene(s) without a CRS or on GCPs are not in the mosaic"
-    else:
+    elif not placed:
         mosaic_note = "no mosaic: no finished scene has a CRS and a geotransform"
-    if mosaic_note:
-        log.warning("%s", mosaic_note)
+    else:
+        try:
+            write_vrt(mosaic, [out_dir / r.outputs["classes"] for r in placed], classes, palette)
+            written = True
+        except SceneError as err:
+            mosaic_note = f"no {err}"
+        else:
+            if len(placed) < len(ok):
+                mosaic_note = f"{len(ok) - len(placed)} scene(s) without a CRS or on GCPs are not in the mosaic"
     merged, vector_note = None, None
     if outputs.vector is not None:
         layers = [(r.name, out_dir / r.outputs["vector"]) for r in ok if "vector" in r.outputs]
@@ -571,8 +573,14 @@ def finish_region(
         try:
             merge_vectors(merged, layers)
         except SceneError as err:
-            merged, vector_note = None, str(err)
-            log.warning("%s", vector_note)
+            vector_note = str(err)
+            merged.unlink(missing_ok=True)  # an earlier run's layer would no longer match the manifest
+            merged = None
+    if not written:  # an earlier run's mosaic would no longer match the manifest
+        mosaic.unlink(missing_ok=True)
+        mosaic = None
+    for note in filter(None, (mosaic_note, vector_note)):
+        log.warning("%s", note)
     totals = {c: sum(r.class_pixels.get(c, 0) for r in ok) for c in classes}
     summary = {
         "scenes": len(records), "ok": len(ok), "failed": len(records) - len(ok),
