@@ -33,11 +33,21 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument(
-        "input",
-        help="input raster: a file, an http(s):// or s3:// URL, a /vsi* path, or a STAC item (.json, with "
-        "--asset/--assets)",
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="INPUT OUTPUT.tif: one input raster (a file, an http(s):// or s3:// URL, a /vsi* path, or a STAC "
+        "item .json with --asset/--assets) and the output class GeoTIFF. With --out-dir: any number of inputs: "
+        "files, URLs, glob patterns ('tiles/*.tif'), @LIST (a text file, one path or URL a line) or STAC "
+        "ItemCollections (.json with features)",
     )
-    p.add_argument("output", help="output class GeoTIFF")
+    p.add_argument(
+        "--out-dir",
+        default=None,
+        help="map a region: each scene's products go to OUT_DIR/<scene>/ (classes.tif and the names given to "
+        "--probs/--preview/--vector), plus manifest.json/.csv, mosaic.vrt and with --vector one merged "
+        "GeoPackage. Ranks started by torchrun or srun share the scenes; a rerun does only what is missing",
+    )
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--ckpt", help="segmentor checkpoint")
     model.add_argument("--onnx", help="an ONNX model written by `seglstm export` (run with onnxruntime)")
@@ -149,7 +159,12 @@ def _tiling(args: argparse.Namespace, model, meta: dict) -> tuple[int, int]:
 
 def main(argv: list[str]) -> int:
     """Run the command; 0 on success, 2 on bad input, 130 when interrupted (resumable)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.out_dir is None:
+        if len(args.paths) != 2:
+            parser.error(f"give one INPUT and OUTPUT.tif, or several inputs with --out-dir DIR; got {args.paths}")
+        args.input, args.output = args.paths
     logging.basicConfig(level=logging.INFO, format=f"{PROG}: %(message)s")
     # imported here: the loader pulls in every model and the training stack, which --help does not need
     from seglstm.inference.loading import SegmentorLoadError
@@ -170,6 +185,12 @@ def main(argv: list[str]) -> int:
                 f"--precision {args.precision}: an ONNX model (--onnx) runs in the dtype it was exported in; "
                 "use --precision auto or fp32"
             )
+        launch = None
+        if args.out_dir is not None:
+            from seglstm.inference.scene.region import Launch
+
+            launch = Launch.from_env()
+            args.device = launch.device(args.device)
         model, meta = _load(args)
         tile, overlap = _tiling(args, model, meta)
         predictor = ScenePredictor(
@@ -186,6 +207,10 @@ def main(argv: list[str]) -> int:
             buffer_mb=args.buffer_mb,
             progress=not args.quiet,
         )
+        if launch is not None:
+            from seglstm.cli.predict_region import run_region_cli
+
+            return run_region_cli(predictor, args, vector, options, bands, scale, launch)
         result = predictor.predict(
             args.input,
             args.output,
@@ -210,6 +235,9 @@ def main(argv: list[str]) -> int:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if args.out_dir is not None:
+            print(f"{PROG}: interrupted; rerun the same command to finish {args.out_dir}", file=sys.stderr)
+            return 130
         print(
             f"{PROG}: interrupted; {args.output} was not written. Progress so far is kept beside it: rerun the same "
             "command with --resume to continue.",
