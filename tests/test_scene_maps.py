@@ -173,11 +173,16 @@ def test_min_area_merges_small_regions_without_holes(tmp_path, rng, simplify):
             assert got == pytest.approx(expected, rel=0.05), k
 
 
-def test_min_area_cli_help_and_errors(tmp_path, rng, capsys):
+def test_cli_help_and_errors_of_the_map_options(tmp_path, rng, capsys):
+    from seglstm.cli.main import main as seglstm
     from seglstm.cli.predict_scene import build_parser
 
-    text = build_parser().format_help()
-    assert "minimum mapping unit" in text and "--tap" in text and "--asset-grid" in text
+    text = " ".join(build_parser().format_help().split())
+    assert "minimum mapping unit" in text and "--tap" in text and "--asset-grid" in text and "RFC 7946" in text
+    src = write_tif(tmp_path / "in.tif", smooth_scene(rng, (40, 40)))
+    assert seglstm(["predict-scene", "--ckpt", "missing.ckpt", str(src), str(tmp_path / "o.tif"), "--tap"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--tap snaps the output bounds to the resolution: add --resolution" in err
     with pytest.raises(SceneError, match="--min-area and --simplify must not be negative"):
         VectorSpec(tmp_path / "v.gpkg", min_area=-1).check()
 
@@ -434,3 +439,24 @@ def test_class_names_are_gdal_category_names(tmp_path, rng, cog):
         assert json.loads(ds.tags()["classes"]) == names and ds.colormap(1)[0][3] == 255
         if cog:
             assert ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+
+
+def test_simplification_never_takes_a_polygon_below_the_unit():
+    from seglstm.inference.scene.vector import _simplify_above
+
+    yy, xx = np.mgrid[:40, :40]
+    raster = np.where((xx - 20) ** 2 + (yy - 20) ** 2 < 30, 1, np.where(xx > 34, 2, 0)).astype(np.uint8)
+    found = list(rasterio.features.shapes(raster, connectivity=4))
+    geoms = shapely.segmentize(np.array([shapely.geometry.shape(g) for g, _ in found], dtype=object), 1.0)
+    disc = [v for _, v in found].index(1)
+    unit = float((raster == 1).sum())  # 97 pixels: exactly the disc
+    assert shapely.area(geoms[disc]) == unit
+    plain = _simplify_above(geoms, 3.0, 0.0)  # what coverage simplification alone does: cuts the disc
+    assert shapely.area(plain[disc]) < unit - 10
+    kept = _simplify_above(geoms, 3.0, unit)
+    assert shapely.equals(kept[disc], geoms[disc])  # its pixel outline, so exactly the unit
+    assert (shapely.area(kept) >= unit).all() and shapely.coverage_is_valid(kept)
+    assert shapely.area(kept).sum() == pytest.approx(40 * 40, rel=1e-12)
+    others = [i for i in range(len(geoms)) if i != disc]
+    # the rest is still simplified: fewer vertices than the pixel outlines
+    assert shapely.get_num_coordinates(kept[others]).sum() < shapely.get_num_coordinates(geoms[others]).sum()

@@ -122,6 +122,8 @@ def _input_options(args: argparse.Namespace) -> InputOptions:
         if len(args.resolution) > 2 or any(r <= 0 for r in args.resolution):
             raise SceneError(f"--resolution {args.resolution}: expected one or two positive pixel sizes")
         resolution = (args.resolution[0], args.resolution[-1])
+    if args.tap and resolution is None:
+        raise SceneError("--tap snaps the output bounds to the resolution: add --resolution")
     return InputOptions(tuple(assets) or None, args.nodata, args.dst_crs, resolution, args.tap, args.asset_grid)
 
 
