@@ -9,13 +9,12 @@ sliding grid starts or ends there. With a blend whose weight steps at a window's
 snap to those lines: their change rate exceeds the other lines' (ratio > 1) and the lines with the most
 changes are window edges. The scene is ``seglstm.data.synthetic.render_scene`` at ``--side`` pixels,
 written as a GeoTIFF; each checkpoint segments it with ``predict-scene``'s predictor in float32. Prints a
-table and writes benchmarks/results/scene_seams.json.
+table and writes benchmarks/results/scene_seams.json (its seconds are only for orientation).
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import tempfile
 import time
@@ -71,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     from seglstm.data.synthetic import render_scene
     from seglstm.inference.loading import load_segmentor
     from seglstm.inference.scene import ScenePredictor
+    from seglstm.study.measure import machine_info
 
     rgb, _, kind = render_scene(args.seed, "val", 0, size=args.side)
     rows = []
@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.side}x{args.side} synthetic {kind} scene, tile {args.tile}, overlap {args.overlap}")
     print_table(rows, ["model", "floor", "edge_changes_per_line", "other_changes_per_line", "ratio",
                        "top5_on_edges", "seconds"])
-    write_json(RESULTS, {"settings": vars(args), "scene": kind, "cpu": platform.processor() or platform.machine(),
-                         "rows": rows})
+    settings = {**vars(args), "ckpt": [c.partition("=")[0] for c in args.ckpt]}  # names, not local paths
+    write_json(RESULTS, {"settings": settings, "scene": kind, "machine": machine_info(), "rows": rows})
     return 0
 
 

@@ -27,7 +27,15 @@ from rasterio.vrt import WarpedVRT
 from rasterio.warp import aligned_target, calculate_default_transform, reproject, transform_geom
 from torch import nn
 
-from seglstm.inference.scene import NODATA, InputOptions, SceneError, VectorSpec, plan_tiles, window_weight
+from seglstm.inference.scene import (
+    NODATA,
+    InputOptions,
+    SceneError,
+    VectorSpec,
+    open_input,
+    plan_tiles,
+    window_weight,
+)
 from seglstm.inference.scene.source import warp_grid
 from tests.scene_helpers import (
     CRS,
@@ -304,6 +312,12 @@ def test_gcp_scene_reprojects_like_gdal_and_refuses_polygons_before_inference(tm
     reproject(raw, warped, gcps=gcps, src_crs=gcp_crs, dst_crs=dst_crs, dst_transform=transform,
               resampling=Resampling.bilinear, dst_nodata=0)
     covered = (warped > 0).all(0)
+    with open_input(path, InputOptions(dst_crs=dst_crs, resolution=res)) as source:  # the pixels themselves
+        pixels, _, valid = source.read([1, 2, 3])
+    both = valid & covered
+    assert both.sum() > 0.97 * covered.sum() and (~valid & covered).mean() < 0.01
+    assert np.abs(pixels[:, both].astype(int) - warped[:, both]).max() <= 1
+    assert (pixels[:, both] == warped[:, both]).mean() > 0.99
     expected = rule_reference(warped, U3, T4)
     got = classes[0]
     assert 0.5 < covered.mean() < 0.98  # a rotated footprint: not all nodata, not all data
@@ -393,6 +407,9 @@ def test_stac_assets_on_different_grids_are_resampled_onto_the_chosen_one(tmp_pa
     with pytest.raises(SceneError, match=r"--asset-grid nir: not among the stacked assets \(red, swir, green\)"):
         run(model, tmp_path / "item.json", tmp_path / "x.tif", MEAN3, STD3, 4,
             input_options=InputOptions(assets=("red", "swir", "green"), grid_asset="nir"))
+    with pytest.raises(SceneError, match=r"--asset-grid chooses among stacked STAC assets: add --assets"):
+        run(model, tmp_path / "red.tif", tmp_path / "x.tif", MEAN3, STD3, 4,
+            input_options=InputOptions(grid_asset="red"))
 
 
 @pytest.fixture

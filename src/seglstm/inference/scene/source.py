@@ -233,9 +233,11 @@ def _gcp_warped_vrt(ds, grid: dict, nodata: dict):
 def _common_grid(datasets: list, opts: InputOptions) -> int:
     """Index of the dataset whose grid the others are resampled onto: ``opts.grid_asset`` or the finest."""
     if opts.grid_asset is not None:
-        if opts.grid_asset not in (opts.assets or ()):
+        if not opts.assets:
+            raise SceneError("--asset-grid chooses among stacked STAC assets: add --assets")
+        if opts.grid_asset not in opts.assets:
             raise SceneError(
-                f"--asset-grid {opts.grid_asset}: not among the stacked assets ({', '.join(opts.assets or ())})"
+                f"--asset-grid {opts.grid_asset}: not among the stacked assets ({', '.join(opts.assets)})"
             )
         return list(opts.assets).index(opts.grid_asset)
     return min(range(len(datasets)), key=lambda j: abs(datasets[j].transform.determinant))
@@ -258,7 +260,7 @@ def open_input(path: str | os.PathLike, opts: InputOptions = InputOptions()) -> 
             "resolution": list(opts.resolution or []), "tap": opts.tap, "grid_asset": opts.grid_asset}}
         if opts.tap and opts.resolution is None:
             raise SceneError("--tap snaps the output bounds to the resolution: add --resolution")
-        ref = _common_grid(datasets, opts) if len(datasets) > 1 else 0
+        ref = _common_grid(datasets, opts) if len(datasets) > 1 or opts.grid_asset else 0
         base = datasets[ref]
         nodata = {} if opts.nodata is None else {"src_nodata": opts.nodata, "nodata": opts.nodata}
         if opts.dst_crs is not None or opts.resolution is not None:
