@@ -170,7 +170,7 @@ def warp_grid(src_crs, dst_crs, width: int, height: int, *, bounds=None, gcps=No
               resolution: tuple[float, float] | None = None, tap: bool = False) -> tuple[Affine, int, int]:
     """The output grid gdalwarp would choose: GDAL's suggested one (``GDALSuggestedWarpOutput2``), or with
     ``resolution`` (``-tr``) its extent cut into ``int(extent / res + 0.5)`` pixels from the upper-left
-    corner (rasterio's ``calculate_default_transform`` rounds up instead: one more row and column), with
+    corner (rasterio's ``calculate_default_transform`` rounds up instead: often one more row or column), with
     ``tap`` (``-tap``) after snapping the extent outward to multiples of the resolution."""
     extent = {"gcps": gcps} if gcps else dict(zip(("left", "bottom", "right", "top"), bounds))
     transform, width, height = calculate_default_transform(src_crs, dst_crs, width, height, **extent)
