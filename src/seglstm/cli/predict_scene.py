@@ -86,14 +86,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodata", type=float, default=None, help="treat this value as nodata (overrides the file's)")
     p.add_argument("--dst-crs", default=None, help="reproject on the fly to this CRS (e.g. EPSG:3857)")
     p.add_argument(
-        "--resolution", type=float, nargs="+", default=None, metavar="RES", help="output pixel size (X [Y])"
+        "--resolution", type=float, nargs="+", default=None, metavar="RES",
+        help="output pixel size (X [Y]) on gdalwarp's -tr grid",
     )
+    # map-ready products: output grid, STAC asset grids
+    p.add_argument("--tap", action="store_true", help="snap the output bounds to multiples of --resolution "
+                   "(gdalwarp -tap), so that grids of different scenes line up")
+    p.add_argument("--asset-grid", default=None, metavar="ASSET", help="STAC assets on different grids are "
+                   "resampled onto this asset's grid (default: the finest)")
     p.add_argument("--probs", default=None, help="also write per-class probabilities (uint8 0..255) here")
     p.add_argument("--preview", default=None, help="also write a colour-coded PNG preview here")
     p.add_argument("--preview-size", type=int, default=1024, help="longest preview side (default 1024)")
     p.add_argument("--cog", action="store_true", help="write the class raster and probabilities as COGs")
-    p.add_argument("--vector", default=None, help="also write class polygons (.gpkg, .geojson, .parquet)")
-    p.add_argument("--min-area", type=float, default=0.0, help="drop polygons below this area (map units^2)")
+    p.add_argument(
+        "--vector", default=None,
+        help="also write class polygons (.gpkg, .geojson per RFC 7946 in WGS84 lon/lat, .parquet)",
+    )
+    p.add_argument(
+        "--min-area", type=float, default=0.0,
+        help="minimum mapping unit (map units^2): smaller regions are merged into their largest neighbour "
+        "(GDAL sieve, 4-connected) before polygons are traced; no polygon ends below it, even after --simplify",
+    )
     p.add_argument(
         "--simplify", type=float, default=0.0, help="topology-preserving simplification tolerance (map units)"
     )
@@ -119,7 +132,9 @@ def _input_options(args: argparse.Namespace) -> InputOptions:
         if len(args.resolution) > 2 or any(r <= 0 for r in args.resolution):
             raise SceneError(f"--resolution {args.resolution}: expected one or two positive pixel sizes")
         resolution = (args.resolution[0], args.resolution[-1])
-    return InputOptions(tuple(assets) or None, args.nodata, args.dst_crs, resolution)
+    if args.tap and resolution is None:
+        raise SceneError("--tap snaps the output bounds to the resolution: add --resolution")
+    return InputOptions(tuple(assets) or None, args.nodata, args.dst_crs, resolution, args.tap, args.asset_grid)
 
 
 def _load(args: argparse.Namespace):

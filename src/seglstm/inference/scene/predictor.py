@@ -23,6 +23,7 @@ from seglstm.inference.scene.errors import SceneError
 from seglstm.inference.scene.outputs import PartialRun, Progress
 from seglstm.inference.scene.plan import (
     BLOCK,
+    WEIGHT_FLOOR,
     Strip,
     Tile,
     TileGrid,
@@ -33,7 +34,7 @@ from seglstm.inference.scene.plan import (
 )
 from seglstm.inference.scene.scaling import Normaliser, ScaleSpec, compute_scaling, parse_scale
 from seglstm.inference.scene.source import InputOptions, SceneInput, is_remote, open_input
-from seglstm.inference.scene.vector import VectorSpec, write_vector
+from seglstm.inference.scene.vector import VectorSpec, check_georef, write_vector
 from seglstm.inference.scene.writers import NODATA, Georef, Products, write_rasters
 from seglstm.utils.device import InferencePrecision, resolve_device, resolve_inference_precision
 
@@ -154,7 +155,7 @@ class ScenePredictor:
             (:func:`seglstm.utils.device.resolve_inference_precision`). ``auto`` is bf16 on CUDA (fp16 where
             bf16 is unsupported) and on a CPU with native bf16 GEMMs (AVX512-BF16 or AMX), float32 on other
             CPUs, where bf16 is emulated and slower. The mLSTM cell runs in float32 under any of them.
-        weight_floor: smallest blending weight, at a window's corner.
+        weight_floor: smallest blending weight per axis, at a window's edge (default 1e-3: no seams).
         buffer_mb: memory for the strip buffer, which sets the strip width (never below two tiles).
         strip_width: force a strip width (multiple of 256) instead of deriving it from ``buffer_mb``.
         progress: show a tqdm progress bar.
@@ -173,7 +174,7 @@ class ScenePredictor:
         batch_size: int = 4,
         device: str | torch.device = "auto",
         precision: InferencePrecision = "auto",
-        weight_floor: float = 0.1,
+        weight_floor: float = WEIGHT_FLOOR,
         buffer_mb: float = 512.0,
         strip_width: int | None = None,
         progress: bool = True,
@@ -279,6 +280,8 @@ class ScenePredictor:
 
         with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), open_input(in_name, input_options or InputOptions()) as source:
             bands = self._check_source(source, bands, allow_no_crs)
+            if spec_vec is not None:  # before inference, not after it
+                check_georef(spec_vec, source.crs, bool(source.gcps[0]))
             scaling = compute_scaling(source, bands, scale_spec)
             grid = plan_tiles(source.height, source.width, self.tile, self.overlap)
             strip_width = self._strip_width(grid, len(bands), np.dtype(source.dtypes[0]).itemsize)
@@ -343,6 +346,12 @@ class ScenePredictor:
                     f"input {path} has {src.count} band(s) but the model takes {n_in}; choose them with --bands"
                 )
             bands = list(range(1, n_in + 1))
+            if src.count > n_in:  # never silently: a B,G,R,NIR scene would otherwise run as if it were RGB
+                log.warning(
+                    "input %s has %d bands and the model takes %d: using bands %s and dropping %s; choose "
+                    "others with --bands", path, src.count, n_in, ", ".join(src.band_names[:n_in]),
+                    ", ".join(src.band_names[n_in:]),
+                )
         bands = [int(b) for b in bands]
         bad = [b for b in bands if not 1 <= b <= src.count]
         if bad:
