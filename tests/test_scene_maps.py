@@ -385,7 +385,7 @@ def test_stac_assets_on_different_grids_are_resampled_onto_the_chosen_one(tmp_pa
     coarse = raw[2:3].reshape(1, 80, 2, 100, 2).mean((2, 4)).round().astype(np.uint8)  # a 20 m band
     coarse_path = tmp_path / "swir.tif"
     with rasterio.open(coarse_path, "w", driver="GTiff", height=80, width=100, count=1, dtype="uint8", crs=CRS,
-                       transform=TRANSFORM * rasterio.Affine.scale(2)) as dst:
+                       transform=TRANSFORM @ rasterio.Affine.scale(2)) as dst:
         dst.write(coarse)
     write_item(tmp_path / "item.json", {"red": "./red.tif", "swir": "./swir.tif", "green": "./green.tif"})
     model = RuleModel(U3, MEAN3, STD3, T4)
@@ -403,7 +403,7 @@ def test_stac_assets_on_different_grids_are_resampled_onto_the_chosen_one(tmp_pa
     run(model, tmp_path / "item.json", tmp_path / "coarse.tif", MEAN3, STD3, 4, tile=64, overlap=16,
         input_options=InputOptions(assets=("red", "swir", "green"), grid_asset="swir"))
     info = read(tmp_path / "coarse.tif")[1]
-    assert info["transform"] == TRANSFORM * rasterio.Affine.scale(2) and info["shape"] == (80, 100)
+    assert info["transform"] == TRANSFORM @ rasterio.Affine.scale(2) and info["shape"] == (80, 100)
     with pytest.raises(SceneError, match=r"--asset-grid nir: not among the stacked assets \(red, swir, green\)"):
         run(model, tmp_path / "item.json", tmp_path / "x.tif", MEAN3, STD3, 4,
             input_options=InputOptions(assets=("red", "swir", "green"), grid_asset="nir"))
