@@ -50,7 +50,7 @@ class Grid:
         return Affine(*self.transform[:6])
 
     def bounds(self) -> tuple[float, float, float, float]:
-        corners = [self.affine * (x, y) for x in (0, self.width) for y in (0, self.height)]
+        corners = [self.affine @ (x, y) for x in (0, self.width) for y in (0, self.height)]
         xs, ys = zip(*corners)
         return min(xs), min(ys), max(xs), max(ys)
 
