@@ -289,3 +289,49 @@ def test_datamodule_builds_scenes_from_a_config(scene):
     dm.scan("val", progress=False)
     with pytest.raises(ValueError, match="test_scale: null"):
         SegDataModule(dataset="scenes", scenes=str(yaml_path), crop_size=(32, 32))
+
+
+def test_validate_equals_predict_scene_scored_on_the_val_area(tmp_path, rng, registry, one_thread):
+    """``validate`` over a val area gives predict-scene's mIoU on that area: the val windows are
+    predict-scene's tiles (crop = tile, no overlap, a scene a multiple of the crop, so no window overlaps
+    another) and the normalisation is the identity, so a model with spatial context (3x3 convolutions,
+    zero padding at window borders) sees exactly the same inputs in both."""
+    import lightning as L
+
+    from seglstm.data import SegDataModule
+    from seglstm.inference.scene import predict_scene
+    from seglstm.metrics import SegmentationMetrics
+    from seglstm.training.task import SegmentationTask
+    from tests.reliability_helpers import rel_tiny_seg
+
+    registry.model(rel_tiny_seg)
+    height, width, crop = 128, 192, 32
+    image, labels, polys, names = make_scene(tmp_path, rng, height=height, width=width, n_polygons=70)
+    val_poly = shapely.Polygon([(20, 10), (170, 30), (150, 120), (40, 100)])
+    write_vector(tmp_path / "val.gpkg", [pixels_to_crs(val_poly)])
+    yaml_path = write_scenes_yaml(tmp_path, [{"image": image.name, "labels": labels.name, "label_field": "class",
+                                              "areas": {"val": "val.gpkg"}}])
+    dm = SegDataModule(dataset="scenes", scenes=str(yaml_path), crop_size=(crop, crop), test_scale=None,
+                       mean=[0.0] * 3, std=[1.0] * 3, val_batch_size=3, num_workers=0)
+    torch.manual_seed(0)
+    task = SegmentationTask(model="rel_tiny_seg", num_classes=3)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    validated = trainer.validate(task, datamodule=dm, verbose=False)[0]["val/mIoU"]
+
+    out = tmp_path / "pred.tif"
+    predict_scene(task.model, image, out, mean=[0.0] * 3, std=[1.0] * 3, classes=CLASSES,
+                  palette=[(1, 2, 3), (4, 5, 6), (7, 8, 9)], tile=crop, overlap=0, precision="fp32", scale="none",
+                  progress=False, device="cpu")
+    with rasterio.open(out) as src:
+        pred = src.read(1)
+    area = rasterize([(transform_geom("EPSG:4326", CRS, shapely.geometry.mapping(pixels_to_crs(val_poly))), 1)],
+                     out_shape=(height, width), transform=TRANSFORM, fill=0, dtype=np.uint8).astype(bool)
+    ref = reference_labels([pixels_to_crs(p) for p in polys], [CLASSES.index(n) for n in names],
+                           [0, 1, 2], height, width)
+    ref[~area] = 255
+    metric = SegmentationMetrics(3)
+    metric.update(torch.from_numpy(pred.astype(np.int64)), torch.from_numpy(ref.astype(np.int64)))
+    expected = float(metric.compute()["mIoU"])
+    assert 0.05 < expected < 0.95  # a model that is neither always right nor always wrong
+    assert validated == pytest.approx(expected, abs=1e-6)
