@@ -44,6 +44,17 @@ from seglstm.inference.scene.source import InputOptions, SceneInput, open_input
 _SAMPLER_STREAM = 0x5CE7E  # keeps the window draw apart from the augmentation stream of the same item
 
 
+def scene_error(scene: SceneSpec, err: SceneError) -> DataError:
+    """predict-scene's opener speaks of command-line flags; here the scenes file is what to fix."""
+    text = (
+        str(err)
+        .replace("--asset(s) ", "asset(s) ")
+        .replace("--asset/--assets need", "assets need")
+        .replace("choose its bands with --asset NAME or --assets A,B,C", "list the assets to stack under assets:")
+    )
+    return DataError(f"scene {scene.name}: {text} (fix this entry of the scenes file)")
+
+
 def scene_grid(scene: SceneSpec) -> tuple[Grid, int]:
     """The image's grid and band count, from its header."""
     try:
@@ -55,7 +66,7 @@ def scene_grid(scene: SceneSpec) -> tuple[Grid, int]:
                 )
             return Grid(src.height, src.width, src.crs.to_string(), tuple(src.transform)[:6]), src.count
     except SceneError as err:
-        raise DataError(f"scene {scene.name}: {err}") from err
+        raise scene_error(scene, err) from err
 
 
 class SceneDataset(SegDataset):
@@ -210,15 +221,30 @@ class SceneDataset(SegDataset):
                         th, tw = min(ch, grid.height), min(cw, grid.width)
                         items.append((i, ox, oy, tw, th, sx0, sy0, sx1, sy1))
         if not items:
-            hint = (
-                f"split.{self.split}={getattr(self.spec.split, self.split)} of blocks of {self.spec.split.block} px "
-                "rounds to no block in every scene; lower split.block or raise the fraction"
-                if self.spec.split is not None
-                else f"give areas.{self.split} polygons or a scene with split: {self.split}"
-            )
-            raise DataError(f"{self.spec.path}: the {self.split} split is empty: {hint}")
+            raise DataError(f"{self.spec.path}: the {self.split} split is empty: {self._empty_hint()}")
         self.items = items
         self.length = len(items)
+
+    def _empty_hint(self) -> str:
+        """Why each scene has no pixel in this split, and what to change."""
+        hints = []
+        for scene in self.spec.scenes:
+            if scene.split is not None:
+                continue
+            if scene.areas:
+                given = dict(scene.areas).get(self.split)
+                hints.append(
+                    f"scene {scene.name}: areas.{self.split} {given} has no polygon over the image"
+                    if given
+                    else f"scene {scene.name} gives no areas.{self.split}"
+                )
+            else:
+                spec = self.spec.split
+                hints.append(
+                    f"scene {scene.name}: split.{self.split}={getattr(spec, self.split)} of its blocks of {spec.block} "
+                    "px rounds to no block (lower split.block or raise the fraction)"
+                )
+        return "; ".join(hints) or f"no scene has split: {self.split}"
 
     # ------------------------------------------------------------------------------------------ items
     def __len__(self) -> int:
@@ -295,7 +321,7 @@ class SceneDataset(SegDataset):
             try:
                 h["images"][i] = h["stack"].enter_context(open_input(scene.image, InputOptions(assets=scene.assets)))
             except SceneError as err:
-                raise DataError(f"scene {scene.name}: {err}") from err
+                raise scene_error(scene, err) from err
         return h["images"][i]
 
     def labels(self, i: int) -> VectorLabels | RasterLabels:
@@ -304,14 +330,14 @@ class SceneDataset(SegDataset):
         if scene.raster_labels:
             h = self._process_handles()
             if i not in h["rasters"]:
-                raster = RasterLabels(scene.labels, grid, self.num_classes)
+                raster = RasterLabels(scene.labels, grid, self.num_classes, scene.image)
                 h["stack"].callback(raster.close)
                 h["rasters"][i] = raster
             return h["rasters"][i]
         one = None if scene.label_class is None else self.classes.index(scene.label_class)
         return load_vector_labels(
             scene.labels, grid, scene.layer, scene.label_field, one, tuple(self.classes),
-            tuple(self.spec.paint_order()), os.getpid(),
+            tuple(self.spec.paint_order()), scene.image, os.getpid(),
         )
 
     def close(self) -> None:

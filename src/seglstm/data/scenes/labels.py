@@ -169,6 +169,27 @@ def class_ids(values: np.ndarray, classes: Sequence[str], path: str, field: str)
     return out
 
 
+def no_overlap_message(
+    labels: str, image: str, grid: Grid, crs: str | None, bounds: tuple[float, float, float, float] | None
+) -> str:
+    """Both extents in the image's CRS, and what usually causes it."""
+    def fmt(b: Sequence[float]) -> str:
+        return "(" + ", ".join(f"{v:.6g}" for v in b) + ")"
+
+    if bounds is None:
+        theirs = "empty"
+    else:
+        try:
+            theirs = fmt(transform_bounds(crs, grid.crs, *bounds, densify_pts=21)) if crs else fmt(bounds) + " (no CRS)"
+        except Exception:  # bounds that cannot be projected to the image CRS at all
+            theirs = f"{fmt(bounds)} in {crs} (not representable in the image CRS)"
+    return (
+        f"{labels}: no label overlaps the image {image}; in the image CRS {grid.crs} the labels span {theirs}, "
+        f"the image {fmt(grid.bounds())}: check the labels' CRS (a missing or wrong .prj is the usual cause) "
+        "and that they belong to this image"
+    )
+
+
 class VectorLabels:
     """Pixel-space polygons of one label file over one image, sorted by paint order, in an STRtree."""
 
@@ -199,10 +220,12 @@ class VectorLabels:
 @functools.lru_cache(maxsize=8)
 def load_vector_labels(
     path: str, grid: Grid, layer: str | None, field: str | None, one_class: int | None,
-    classes: tuple[str, ...], paint_order: tuple[int, ...], pid: int,
+    classes: tuple[str, ...], paint_order: tuple[int, ...], image: str, pid: int,
 ) -> VectorLabels:
     """Cached per process (``pid`` in the key: a forked worker builds its own)."""
     geoms, values, stats = read_vector(path, grid, layer, field)
+    if not len(geoms):
+        raise DataError(no_overlap_message(path, image, grid, stats.crs, stats.file_bounds))
     ids = np.full(len(geoms), one_class, np.int64) if values is None else class_ids(values, classes, path, field)
     return VectorLabels(geoms, ids, paint_order, stats)
 
@@ -210,13 +233,20 @@ def load_vector_labels(
 class RasterLabels:
     """A label raster warped (nearest neighbour) into the image grid, read by window."""
 
-    def __init__(self, path: str, grid: Grid, num_classes: int) -> None:
+    def __init__(self, path: str, grid: Grid, num_classes: int, image: str = "") -> None:
         _check_file(path, "label raster")
         self.path, self.num_classes = path, num_classes
         try:
             self.src = rasterio.open(path)
         except RasterioError as err:
             raise DataError(f"{path}: not a readable label raster ({err})") from err
+        if self.src.crs is None:
+            raise DataError(f"{path}: the label raster has no CRS; georeference it (e.g. gdal_edit.py -a_srs)")
+        theirs = transform_bounds(self.src.crs, grid.crs, *self.src.bounds, densify_pts=21)
+        ours = grid.bounds()
+        if theirs[0] >= ours[2] or theirs[2] <= ours[0] or theirs[1] >= ours[3] or theirs[3] <= ours[1]:
+            self.src.close()
+            raise DataError(no_overlap_message(path, image, grid, self.src.crs.to_string(), tuple(self.src.bounds)))
         if self.src.count != 1:
             raise DataError(f"{path}: a label raster needs one band of class ids, it has {self.src.count}")
         nodata = self.src.nodata
