@@ -145,3 +145,51 @@ def test_scenes_file_problems(tmp_path, files):
     with pytest.raises(DataError, match="has 2 band"):
         build(folder, {**scene, "image": "two.tif"})
     assert CLASSES
+
+
+def test_check_data_reports_each_scene(tmp_path, rng, capsys):
+    import rasterio
+    from rasterio.features import rasterize
+    from rasterio.warp import transform_geom
+
+    from seglstm.cli.check_data import main
+    from tests.scenes_data_helpers import CRS, TRANSFORM, random_polygons
+
+    data = rng.integers(0, 256, (3, 96, 128), dtype=np.uint8)
+    write_image(tmp_path / "a.tif", data)
+    write_image(tmp_path / "b.tif", data)
+    polys = random_polygons(rng, 128, 96, 25)
+    names = [CLASSES[k % 3] for k in range(len(polys))]
+    # self-intersecting, so invalid; off-grid vertices keep its edges off pixel centres (ties on an edge are
+    # decided by rounding, differently in any two implementations)
+    bowtie = shapely.Polygon([(10.3, 10.1), (40.2, 40.7), (40.1, 10.2), (10.2, 40.4)])
+    outside = shapely.Polygon([(-40, 35), (35, -40), (-40, -40)])  # its box meets the image, it does not
+    odd = shapely.box(100, 70, 120, 90)
+    geoms = [*polys, bowtie, outside, odd]
+    write_vector(tmp_path / "a.gpkg", [pixels_to_crs(g) for g in geoms], [*names, "road", "road", "forest"])
+    write_vector(tmp_path / "b.gpkg", [shapely.affinity.translate(pixels_to_crs(p), xoff=3.0) for p in polys], names)
+    scenes = [{"image": "a.tif", "labels": "a.gpkg", "label_field": "class", "split": "val"},
+              {"image": "b.tif", "labels": "b.gpkg", "label_field": "class", "split": "train"}]
+    write_scenes_yaml(tmp_path, scenes)
+    config = tmp_path / "config.yaml"
+    config.write_text(f"data:\n  dataset: scenes\n  scenes: {tmp_path / 'scenes.yaml'}\n  crop_size: [32, 32]\n"
+                      "  test_scale: null\n")
+    assert main([str(config), "--quiet", "--previews", str(tmp_path / "previews")]) == 1
+    out, err = capsys.readouterr()
+    assert "a.gpkg: vector, EPSG:4326, reprojected to the image CRS; 28 feature(s) in the file, 27 over the image, " \
+           "1 invalid (repaired with make_valid), 1 outside the image" in out
+    assert "['forest'] (1 features) are not in the class file" in err
+    assert "b.gpkg: no label overlaps the image" in err and "EPSG:32633" in err
+    assert (tmp_path / "previews" / tmp_path.name / "a.png").is_file()
+    # labelled pixels of scene a (whole scene val): GDAL's whole-scene rasterisation, known classes only
+    order = {c: r for r, c in enumerate([0, 1, 2])}
+    shapes = sorted(((transform_geom("EPSG:4326", CRS, shapely.geometry.mapping(pixels_to_crs(g))), CLASSES.index(n))
+                     for g, n in zip([*polys, shapely.make_valid(bowtie)], [*names, "road"])), key=lambda s: order[s[1]])
+    ref = rasterize(shapes, out_shape=(96, 128), transform=TRANSFORM, fill=255, dtype=np.uint8)
+    counts = np.bincount(ref.ravel(), minlength=256)[:3]
+    row = {line.split()[0]: line.split() for line in out.splitlines() if line.strip().split()[:1] in (["building"], ["road"], ["water"])}
+    for k, name in enumerate(CLASSES):
+        assert int(row[name][2].replace(",", "")) == counts[k]
+    mean = data.reshape(3, -1).astype(np.float64).mean(1)
+    assert f"band mean: {[round(float(m), 3) for m in mean]}" in out
+    assert rasterio.open(tmp_path / "a.tif").count == 3

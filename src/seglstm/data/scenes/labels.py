@@ -140,13 +140,15 @@ def read_vector(
     geoms = to_pixels(geoms, stats.crs, grid)
     geoms = polygonal(shapely.make_valid(geoms))
     inside = shapely.intersects(geoms, shapely.box(0, 0, grid.width, grid.height))
-    stats.outside = int((~inside).sum())
+    stats.features = int(inside.sum())
+    stats.outside = stats.in_file - stats.features  # outside the image's box, or only within its envelope
     column = None if field is None else np.asarray(values[0])
     return geoms[inside], None if column is None else column[inside], stats
 
 
-def class_ids(values: np.ndarray, classes: Sequence[str], path: str, field: str) -> np.ndarray:
-    """Attribute values (class names, or ids 0..K-1) -> class ids; unknown values raise, listing them."""
+def class_ids(values: np.ndarray, classes: Sequence[str], path: str, field: str, strict: bool = True) -> np.ndarray:
+    """Attribute values (class names, or ids 0..K-1) -> class ids; unknown values raise, listing them (or,
+    with ``strict=False``, map to -1)."""
     names = {c: i for i, c in enumerate(classes)}
     out = np.empty(len(values), np.int64)
     bad: list = []
@@ -160,7 +162,8 @@ def class_ids(values: np.ndarray, classes: Sequence[str], path: str, field: str)
             out[i] = int(key)
         else:
             bad.append(key)
-    if bad:
+            out[i] = -1
+    if bad and strict:
         shown = sorted({str(b) for b in bad})
         raise DataError(
             f"{path}: {field} values {shown[:10]} ({len(bad)} features) are not in the class file "
