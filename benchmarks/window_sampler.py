@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, write_json  # noqa: E402
+from _common import print_table, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results" / "window_sampler.json"
 CLASSES = ["background", "building", "road", "water", "barren", "forest", "agricultural"]
@@ -115,10 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--polygons", type=int, default=20_000, help="label polygons (default 20000)")
     p.add_argument("--crop", type=int, default=512, help="window / chip side (default 512)")
     p.add_argument("--items", type=int, default=64, help="windows and chips timed per mode (default 64)")
-    p.add_argument("--gpu-step", type=float, default=0.25,
-                   help="seconds of one GPU training step of seglstm_upernet_s at --batch-size (an estimate "
-                   "unless measured; default 0.25)")
+    p.add_argument("--gpu-step", type=float, default=0.03,
+                   help="seconds of one GPU training step of seglstm_upernet_s at --batch-size; default 0.03, an "
+                   "ESTIMATE (benchmarks/NOTES.md: 115 GFLOP forward per 512x512 image, x3 for a training step, "
+                   "batch 8 = 2.75 TFLOP at about 10%% of an H100's dense bf16 peak)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per GPU step (default 8)")
+    p.add_argument("--repeat", type=int, default=3, help="passes over the items; the median is kept (default 3)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
 
@@ -149,14 +151,16 @@ def main(argv: list[str] | None = None) -> int:
             chips = SegFolder(setup["chips"], "train", img_suffix=".png", transforms=transforms)
             window_keys = [(1, int(i)) for i in rng.integers(0, len(windows), args.items)]
             chip_keys = [(1, int(i)) for i in rng.integers(0, len(chips), args.items)]
-            w_rate, c_rate = rate(windows, window_keys), rate(chips, chip_keys)
+            w_rate, c_rate = rate(windows, window_keys, args.repeat), rate(chips, chip_keys, args.repeat)
             rows.append({"mode": mode, "windows_per_s": w_rate, "chips_per_s": c_rate, "ratio": w_rate / c_rate,
                          "first_window_s": first,
-                         "workers_for_gpu": math.ceil(args.batch_size / args.gpu_step / w_rate)})
+                         "workers_for_gpu": math.ceil(args.batch_size / args.gpu_step / w_rate),
+                         "chip_workers_for_gpu": math.ceil(args.batch_size / args.gpu_step / c_rate)})
     print(f"\nper worker (one process, one torch thread), {args.crop}x{args.crop} RGB, {args.polygons} polygons "
           f"in EPSG:4326 over a {args.side}x{args.side} UTM GeoTIFF:")
-    table = print_table(rows, ["mode", "windows_per_s", "chips_per_s", "ratio", "first_window_s", "workers_for_gpu"])
-    print(f"workers_for_gpu: ceil({args.batch_size} windows / {args.gpu_step} s per step / windows_per_s)")
+    table = print_table(rows, ["mode", "windows_per_s", "chips_per_s", "ratio", "first_window_s", "workers_for_gpu",
+                               "chip_workers_for_gpu"])
+    print(f"workers_for_gpu: ceil({args.batch_size} windows / {args.gpu_step} s per step (estimate) / windows_per_s)")
     write_json(args.out, {"machine": machine_info(), "args": {k: str(v) for k, v in vars(args).items()},
                           "labelled_share": setup["labelled"], "rows": rows, "table": table})
     return 0

@@ -206,12 +206,16 @@ class VectorLabels:
     def window(self, x0: int, y0: int, width: int, height: int, scale: int = 1) -> np.ndarray:
         """Class ids (255 = none) of the pixels ``[y0, y0 + height) x [x0, x0 + width)`` at ``scale``
         image pixels per output pixel (1 for training; more for the coarse sampling grid)."""
-        box = shapely.box(x0, y0, x0 + width * scale, y0 + height * scale)
-        hits = np.sort(self.tree.query(box, predicate="intersects"))  # sorted = paint order
-        if not len(hits):
+        x1, y1 = x0 + width * scale, y0 + height * scale
+        hits = np.sort(self.tree.query(shapely.box(x0, y0, x1, y1), predicate="intersects"))  # sorted = paint order
+        # only the part of each polygon around the window: rasterio walks every vertex in Python (GeoJSON),
+        # and a large polygon (a field, a road network) has many more vertices than the window needs
+        parts = shapely.clip_by_rect(self.geoms[hits], x0 - 1, y0 - 1, x1 + 1, y1 + 1)
+        keep = ~shapely.is_empty(parts)
+        if not keep.any():
             return np.full((height, width), IGNORE, np.uint8)
         return rasterize(
-            zip(self.geoms[hits], self.ids[hits].tolist()),
+            zip(parts[keep], self.ids[hits][keep].tolist()),
             out_shape=(height, width),
             transform=Affine(scale, 0, x0, 0, scale, y0),
             fill=IGNORE,
