@@ -59,8 +59,14 @@ def scene(tmp_path: Path, rng: np.random.Generator):
     return yaml_path, polys, names
 
 
-def test_window_rasterisation_matches_whole_scene_reference(scene):
+def test_window_rasterisation_matches_whole_scene_reference(scene, tmp_path):
     yaml_path, polys, names = scene
+    # plus a polygon with a hole and a multi-polygon, written after the others
+    donut = shapely.box(100.3, 60.2, 180.7, 140.1).difference(shapely.box(120.1, 80.4, 160.6, 120.3))
+    multi = shapely.MultiPolygon([shapely.box(250.2, 20.6, 280.1, 50.3), shapely.box(290.4, 30.2, 300.7, 90.9)])
+    extra = [donut, multi]
+    write_vector(tmp_path / "scene.gpkg", [pixels_to_crs(p) for p in [*polys, *extra]], [*names, "water", "road"])
+    polys, names = [*polys, *extra], [*names, "water", "road"]
     ds = SceneDataset(None, "val", yaml_path, crop_size=(32, 32))
     got = assemble(ds, 0, 256, 384)
     ids = [CLASSES.index(n) for n in names]
