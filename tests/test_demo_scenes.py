@@ -41,3 +41,17 @@ def test_demo_scenes_quick_end_to_end(tmp_path, monkeypatch):
     metric = SegmentationMetrics(len(classes))
     metric.update(torch.from_numpy(pred.astype(np.int64)), torch.from_numpy(ref.astype(np.int64)))
     assert held == pytest.approx(100 * float(metric.compute()["mIoU"]), abs=0.006)  # the report rounds to 2 decimals
+
+
+@pytest.mark.slow
+def test_window_sampler_benchmark_runs(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "ws.json"
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "window_sampler.py"), "--side", "1024", "--polygons",
+                    "600", "--items", "4", "--repeat", "1", "--out", str(out)], check=True, capture_output=True)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["mode"] for r in rows] == ["read", "train pipeline"]
+    assert all(r["windows_per_s"] > 0 and r["chips_per_s"] > 0 and r["workers_for_gpu"] >= 1 for r in rows)
