@@ -341,3 +341,21 @@ def test_validate_equals_predict_scene_scored_on_the_val_area(tmp_path, rng, reg
     expected = float(metric.compute()["mIoU"])
     assert 0.05 < expected < 0.95  # a model that is neither always right nor always wrong
     assert validated == pytest.approx(expected, abs=1e-6)
+
+
+def test_mid_epoch_resume_continues_with_the_same_windows(scene):
+    from seglstm.training.data_order import ResumableSegDataModule
+
+    yaml_path, _, _ = scene
+
+    def loader():
+        dm = ResumableSegDataModule(dataset="scenes", scenes=str(yaml_path), crop_size=(32, 32),
+                                    train_scale=(32, 32), ratio_range=(0.75, 1.5), test_scale=None, batch_size=4,
+                                    num_workers=0, seed=5)
+        return dm.train_dataloader()
+
+    full = [b["path"] for b in loader()]
+    resumed = loader()
+    resumed.load_state_dict({"batches_done": 3})
+    assert [b["path"] for b in resumed] == full[3:]
+    assert len(full) == 10 and len(set(map(tuple, full))) == 10
