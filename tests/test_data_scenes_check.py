@@ -193,3 +193,27 @@ def test_check_data_reports_each_scene(tmp_path, rng, capsys):
     mean = data.reshape(3, -1).astype(np.float64).mean(1)
     assert f"band mean: {[round(float(m), 3) for m in mean]}" in out
     assert rasterio.open(tmp_path / "a.tif").count == 3
+
+
+def test_label_raster_with_unknown_values_or_elsewhere(files, rng):
+    import rasterio
+
+    from tests.scenes_data_helpers import CRS, TRANSFORM
+
+    folder, scene = files
+
+    def raster(name: str, data: np.ndarray, transform) -> str:
+        with rasterio.open(folder / name, "w", driver="GTiff", height=data.shape[0], width=data.shape[1], count=1,
+                           dtype="uint8", crs=CRS, transform=transform) as dst:
+            dst.write(data[None])
+        return name
+
+    data = rng.integers(0, 3, (128, 160)).astype(np.uint8)
+    data[40:50, 60:70] = 9
+    with pytest.raises(DataError) as err:
+        build(folder, {"image": scene["image"], "labels": raster("odd.tif", data, TRANSFORM)})
+    one_line(err, "odd.tif", "[9]", "class ids 0..2")
+    far = TRANSFORM @ TRANSFORM.translation(5000, 0)
+    with pytest.raises(DataError) as err:
+        build(folder, {"image": scene["image"], "labels": raster("far.tif", data % 3, far)})
+    one_line(err, "far.tif", "no label overlaps the image", "EPSG:32633")

@@ -135,7 +135,6 @@ def read_vector(
     except Exception as err:
         raise DataError(f"{path}: reading the features failed ({type(err).__name__}: {err})") from err
     geoms = shapely.from_wkb(wkb)
-    stats.features = len(geoms)
     valid = shapely.is_valid(geoms)
     stats.invalid = int((~valid & ~shapely.is_missing(geoms)).sum())
     geoms = to_pixels(geoms, stats.crs, grid)

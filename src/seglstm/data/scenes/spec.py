@@ -19,7 +19,7 @@ Relative paths are relative to the folder of ``scenes.yaml``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +74,6 @@ class ScenesFile:
     split: SplitSpec | None = None
     samples_per_epoch: int = 1000
     class_balanced: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def paint_order(self) -> list[int]:
         """Class ids from lowest to highest priority: rasterised in this order, so later ones win overlaps.
