@@ -134,6 +134,7 @@ class SceneDataset(SegDataset):
             self._plan_training()
         else:
             self._plan_eval()
+        self.close()  # what planning opened; the processes that read windows open their own
 
     # ------------------------------------------------------------------------------------------ planning
     @property
@@ -158,9 +159,9 @@ class SceneDataset(SegDataset):
         per_scene = []
         totals = np.zeros(k, np.float64)
         for i, grid in enumerate(self.grids):
+            if self.areas[i].train is not None and self.areas[i].train.is_empty:
+                continue  # a scene held out whole
             if grid.height < ch or grid.width < cw:
-                if self.areas[i].train is not None and self.areas[i].train.is_empty:
-                    continue
                 raise DataError(
                     f"{self.spec.scenes[i].image}: the scene ({grid.width}x{grid.height}) is smaller than the "
                     f"crop ({cw}x{ch}); lower data.crop_size"
@@ -310,7 +311,7 @@ class SceneDataset(SegDataset):
     def _process_handles(self) -> dict[str, Any]:
         pid = os.getpid()
         if pid not in self._handles:  # a new process (a forked worker): never reuse the parent's handles
-            self._handles = {pid: {"stack": contextlib.ExitStack(), "images": {}, "rasters": {}}}
+            self._handles = {pid: {"stack": contextlib.ExitStack(), "images": {}, "rasters": {}, "vectors": {}}}
         return self._handles[pid]
 
     def image(self, i: int) -> SceneInput:
@@ -334,13 +335,17 @@ class SceneDataset(SegDataset):
                 h["stack"].callback(raster.close)
                 h["rasters"][i] = raster
             return h["rasters"][i]
-        one = None if scene.label_class is None else self.classes.index(scene.label_class)
-        return load_vector_labels(
-            scene.labels, grid, scene.layer, scene.label_field, one, tuple(self.classes),
-            tuple(self.spec.paint_order()), scene.image, os.getpid(),
-        )
+        h = self._process_handles()
+        if i not in h["vectors"]:
+            one = None if scene.label_class is None else self.classes.index(scene.label_class)
+            h["vectors"][i] = load_vector_labels(
+                scene.labels, grid, scene.layer, scene.label_field, one, self.classes, self.spec.paint_order(),
+                scene.image,
+            )
+        return h["vectors"][i]
 
     def close(self) -> None:
+        """Close this process's files and drop its polygons (they are reloaded when next needed)."""
         for h in self._handles.values():
             h["stack"].close()
         self._handles = {}

@@ -13,7 +13,6 @@ nodata, 255 and pixels outside it are unlabelled. Unlabelled pixels are 255 (ign
 
 from __future__ import annotations
 
-import functools
 import gc
 import os
 from collections.abc import Sequence
@@ -247,12 +246,11 @@ class VectorLabels:
         )
 
 
-@functools.lru_cache(maxsize=8)
 def load_vector_labels(
     path: str, grid: Grid, layer: str | None, field: str | None, one_class: int | None,
-    classes: tuple[str, ...], paint_order: tuple[int, ...], image: str, pid: int,
+    classes: Sequence[str], paint_order: Sequence[int], image: str,
 ) -> VectorLabels:
-    """Cached per process (``pid`` in the key: a forked worker builds its own)."""
+    """The label file's polygons over ``grid``, ready for window reads (one bounding-box filtered read)."""
     geoms, values, stats = read_vector(path, grid, layer, field)
     if not len(geoms):
         raise DataError(no_overlap_message(path, image, grid, stats.crs, stats.file_bounds))

@@ -193,6 +193,8 @@ def read_scenes_file(path: str | Path) -> ScenesFile:
         meta = read_class_file(_resolve(doc["classes"], base, f"{path}: classes"))
     else:  # inline: write it through the class-file parser, which owns the format
         meta = _inline_classes(doc["classes"], path)
+    if meta["reduce_zero_label"]:
+        raise DataError(f"{path}: reduce_zero_label does not apply to scenes (labels are class names or ids 0..K-1)")
     classes = tuple(meta["classes"])
     priority = doc.get("priority") or []
     if not isinstance(priority, list) or any(p not in classes for p in priority) or len(set(priority)) != len(priority):
