@@ -98,15 +98,17 @@ def build(folder: Path, side: int, n_polygons: int, crop: int, seed: int = 0) ->
             "labelled": float((labels != 255).mean()), "polygons": n_polygons}
 
 
-def rate(dataset: Any, keys: list, repeat: int = 1) -> float:
-    """Items per second over ``keys`` (the median of ``repeat`` passes)."""
-    times = []
+def rates(datasets: list[Any], keys: list[list], repeat: int) -> list[float]:
+    """Items per second of each dataset over its keys: the median of ``repeat`` passes, taken round robin
+    (one pass of each in turn), so that a change in the machine's load falls on all of them alike."""
+    times: list[list[float]] = [[] for _ in datasets]
     for _ in range(repeat):
-        t = time.perf_counter()
-        for key in keys:
-            dataset[key]
-        times.append(time.perf_counter() - t)
-    return len(keys) / float(np.median(times))
+        for data, key_list, out in zip(datasets, keys, times):
+            t = time.perf_counter()
+            for key in key_list:
+                data[key]
+            out.append(time.perf_counter() - t)
+    return [len(k) / float(np.median(t)) for k, t in zip(keys, times)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                    "ESTIMATE (benchmarks/NOTES.md: 115 GFLOP forward per 512x512 image, x3 for a training step, "
                    "batch 8 = 2.75 TFLOP at about 10%% of an H100's dense bf16 peak)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per GPU step (default 8)")
-    p.add_argument("--repeat", type=int, default=3, help="passes over the items; the median is kept (default 3)")
+    p.add_argument("--repeat", type=int, default=5,
+                   help="passes over the items, windows and chips in turn; the median is kept (default 5)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
 
@@ -149,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             chips = SegFolder(setup["chips"], "train", img_suffix=".png", transforms=transforms)
             window_keys = [(1, int(i)) for i in rng.integers(0, len(windows), args.items)]
             chip_keys = [(1, int(i)) for i in rng.integers(0, len(chips), args.items)]
-            w_rate, c_rate = rate(windows, window_keys, args.repeat), rate(chips, chip_keys, args.repeat)
+            w_rate, c_rate = rates([windows, chips], [window_keys, chip_keys], args.repeat)
             rows.append({"mode": mode, "windows_per_s": w_rate, "chips_per_s": c_rate, "ratio": w_rate / c_rate,
                          "first_window_s": first,
                          "workers_for_gpu": math.ceil(args.batch_size / args.gpu_step / w_rate),
