@@ -200,7 +200,8 @@ def scenes_table(spec: ScenesFile, reports: list[SceneReport]) -> str:
     totals = {s: sum((r.class_pixels[s] for r in reports if s in r.class_pixels), np.zeros(len(spec.classes)))
               for s in SPLITS}
     lines.append("")
-    lines.append("labelled pixels per class and split (all scenes; estimated at the check's decimation):")
+    lines.append("labelled pixels per class and split (all scenes, at the check's decimation; train: where training "
+                 "windows may go, outside val/test and their buffer):")
     lines.append(f"  {'class':<{width}}  " + "  ".join(f"{s:>12}" for s in SPLITS) + f"  {'share':>7}")
     grand = sum(t.sum() for t in totals.values())
     for k, name in enumerate(spec.classes):
