@@ -168,17 +168,27 @@ def main(argv: list[str]) -> int:
         "--data", default=None, help="synthetic dataset folder (default data/synthetic[-quick])"
     )
     parser.add_argument(
-        "--config", default=str(REPO_CONFIG), help="training config (default configs/demo.yaml)"
+        "--config", default=None, help="training config (default configs/demo.yaml, configs/demo_scenes.yaml)"
+    )
+    parser.add_argument(
+        "--scenes",
+        action="store_true",
+        help="train on synthetic GeoTIFF scenes with GeoPackage labels, validate on a held-out area and map a "
+        "held-out scene with predict-scene (seglstm.cli.demo_scenes)",
     )
     parser.add_argument(
         "--workers", type=int, default=min(2, os.cpu_count() or 1), help="dataset generation workers"
     )
     args = parser.parse_args(argv)
+    if args.scenes:
+        from seglstm.cli import demo_scenes
+
+        return demo_scenes.main(args)
     spec = dict(QUICK if args.quick else FULL)
     if args.data:
         spec["data"] = args.data
     out = Path(args.out or ("runs/demo-quick" if args.quick else "runs/demo"))
-    config = Path(args.config)
+    config = Path(args.config or REPO_CONFIG)
     if not config.is_file():
         print(
             f"{PROG}: error: --config {config} does not exist (run from the repository, or pass --config)",
