@@ -33,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
         help="dataset 'scenes': folder for one preview PNG per scene (default runs/check-data)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.epilog = "--data.KEY VALUE overrides one data setting of the config, as for seglstm fit"
     return p
 
 
@@ -54,14 +55,36 @@ def data_init_args(config: Path) -> dict[str, Any]:
     return dict(args)
 
 
+def data_overrides(extra: list[str], parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """``--data.KEY VALUE`` (or ``--data.KEY=VALUE``) pairs, values read as YAML, as ``seglstm fit`` takes
+    them; anything else is refused by ``parser``."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(extra):
+        key, sep, value = extra[i].partition("=")
+        if not key.startswith("--data.") or len(key) == len("--data."):
+            parser.error(f"unrecognized argument: {extra[i]} (only --data.KEY VALUE overrides are taken)")
+        if not sep:
+            if i + 1 >= len(extra):
+                parser.error(f"{key} needs a value")
+            i, value = i + 1, extra[i + 1]
+        out[key[len("--data."):]] = yaml.safe_load(value)
+        i += 1
+    return out
+
+
 def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides = data_overrides(extra, parser)
     from seglstm.data import SegDataModule
     from seglstm.data.check import band_statistics, check_dataset, statistics_yaml
     from seglstm.data.io import DataError, DatasetNotFoundError
 
     try:
-        init = data_init_args(args.config)
+        init = {**data_init_args(args.config), **overrides}
         if args.stats and init.get("mean") is None and init.get("bands"):
             # the statistics are what the config lacks: read raw values with a neutral normalisation
             init.update(mean=[0.0] * len(init["bands"]), std=[1.0] * len(init["bands"]))
