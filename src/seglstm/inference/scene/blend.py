@@ -1,8 +1,12 @@
-"""The rolling buffer in which one strip's overlapping windows are blended before rows are flushed."""
+"""The rolling buffer in which one strip's overlapping windows are blended before rows are flushed.
+
+It lives on the model's device (a torch tensor there), so a window's probabilities never leave it: only the
+uint8 classes (and uint8 probabilities) of finished rows cross to the host.
+"""
 
 from __future__ import annotations
 
-import numpy as np
+import torch
 
 from seglstm.inference.scene.plan import BLOCK, Strip, TileGrid
 
@@ -10,16 +14,16 @@ from seglstm.inference.scene.plan import BLOCK, Strip, TileGrid
 class StripBuffer:
     """Running weighted-probability sums for rows ``[y0, y0 + cap)`` of one strip's window extent."""
 
-    def __init__(self, strip: Strip, grid: TileGrid, num_classes: int, y0: int) -> None:
+    def __init__(self, strip: Strip, grid: TileGrid, num_classes: int, y0: int, device: torch.device) -> None:
         self.strip, self.y0 = strip, y0
         self.ex0, ex1 = strip.extent(grid)
         self.cap = grid.tile_h + BLOCK
         width = ex1 - self.ex0
-        self.acc = np.zeros((num_classes, self.cap, width), np.float32)
-        self.wsum = np.zeros((self.cap, width), np.float32)
-        self.valid = np.zeros((self.cap, width), bool)
+        self.acc = torch.zeros((num_classes, self.cap, width), dtype=torch.float32, device=device)
+        self.wsum = torch.zeros((self.cap, width), dtype=torch.float32, device=device)
+        self.valid = torch.zeros((self.cap, width), dtype=torch.bool, device=device)
 
-    def add(self, y: int, x: int, wprobs: np.ndarray, weight: np.ndarray, valid: np.ndarray) -> None:
+    def add(self, y: int, x: int, wprobs: torch.Tensor, weight: torch.Tensor, valid: torch.Tensor) -> None:
         top = max(y, self.y0)  # rows above y0 were flushed already (only on resume can a window reach them)
         skip = top - y
         r0, r1 = top - self.y0, y + wprobs.shape[1] - self.y0
@@ -28,17 +32,18 @@ class StripBuffer:
         self.wsum[r0:r1, c0:c1] += weight[skip:]
         self.valid[r0:r1, c0:c1] = valid[skip:]
 
-    def blended(self, y0: int, y1: int) -> tuple[np.ndarray, np.ndarray]:
+    def blended(self, y0: int, y1: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Blended probabilities ``(K, h, w)`` and validity of rows ``[y0, y1)`` in the output columns."""
         r0, r1 = y0 - self.y0, y1 - self.y0
         c0, c1 = self.strip.x0 - self.ex0, self.strip.x1 - self.ex0
         acc, wsum = self.acc[:, r0:r1, c0:c1], self.wsum[r0:r1, c0:c1]
-        return np.divide(acc, wsum, out=np.zeros_like(acc), where=wsum > 0), self.valid[r0:r1, c0:c1]
+        covered = wsum > 0
+        return torch.where(covered, acc / torch.where(covered, wsum, 1.0), 0.0), self.valid[r0:r1, c0:c1]
 
     def slide(self, y1: int) -> None:
         """Drop the rows above ``y1`` (flushed) so that the buffer starts there."""
         n = y1 - self.y0
-        for arr in (self.acc, self.wsum[None], self.valid[None]):
-            arr[:, : self.cap - n] = arr[:, n:]
-            arr[:, self.cap - n :] = 0
+        for t in (self.acc, self.wsum[None], self.valid[None]):
+            t[:, : self.cap - n] = t[:, n:].clone()  # the two ranges overlap: copy the source first
+            t[:, self.cap - n :] = 0
         self.y0 = y1
