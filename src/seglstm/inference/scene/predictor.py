@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from seglstm.inference.scene.background import Prefetcher, Writer
-from seglstm.inference.scene.blend import StripBuffer
+from seglstm.inference.scene.blend import StripBuffer, first_argmax
 from seglstm.inference.scene.errors import SceneError
 from seglstm.inference.scene.outputs import PartialRun, Progress
 from seglstm.inference.scene.plan import (
@@ -171,8 +171,8 @@ class _Blender:
         chunks = []
         for y0 in range(buf.y0, target, BLOCK):  # buf.y0 is block-aligned: every chunk is a block row
             p, v = buf.blended(y0, min(y0 + BLOCK, target))
-            classes = _to_host(torch.where(v, p.argmax(dim=0), NODATA).to(torch.uint8))
-            p8 = _to_host(torch.where(v, torch.round(p * 255.0), 0.0).to(torch.uint8)) if self.with_probs else None
+            classes = _to_host(first_argmax(p).masked_fill_(~v, NODATA))
+            p8 = _to_host(torch.round(p * 255.0).to(torch.uint8).masked_fill_(~v, 0)) if self.with_probs else None
             chunks.append((y0 // BLOCK, classes, p8))
         buf.slide(target)
         self.flush_s += time.perf_counter() - t0
