@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             wall = run["seconds"]
             prof = {k: v for k, v in (run["profile"] or {}).items()}
             profiles.append({"run": kind, "wall_s": wall, **prof,
-                             "main_other": wall - sum(v for k, v in prof.items() if k not in ("reader", "writer"))})
+                             "main_other": wall - sum(v for k, v in prof.items() if k not in ("reader", "writer", "normalise"))})
     profile_table = print_table(profiles, list(profiles[0])) if profiles else ""
     write_json(args.out, {"benchmark": "scene_pipeline", "machine": machine, "args": vars(args), "threads": threads,
                           "omp_wait_policy": omp_wait_policy, "load_average": os.getloadavg(), "rows": rows,

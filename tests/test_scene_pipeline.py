@@ -129,13 +129,18 @@ def test_only_uint8_results_cross_to_the_host_once_per_chunk(tmp_path, rng, monk
     src = write_tif(tmp_path / "in.tif", raw)
     model = WindowLinearModel(rng.normal(0, 1, (k, 3)).astype(np.float32), rng.normal(0, 1, k).astype(np.float32),
                               rng.normal(0, 1, k).astype(np.float32))  # fmt: skip
-    spy, windows = _HostTransfers(), ScenePredictor._run
+    spy, windows, batches = _HostTransfers(), ScenePredictor._run, ScenePredictor._batches
 
     def spied(self, *args, **kwargs):  # the window loop, not the set-up (the model digest reads the weights)
         with spy:
             return windows(self, *args, **kwargs)
 
+    def spied_batches(self, *args, **kwargs):  # torch function modes are per thread: the reader's too
+        with spy:
+            yield from batches(self, *args, **kwargs)
+
     monkeypatch.setattr(ScenePredictor, "_run", spied)
+    monkeypatch.setattr(ScenePredictor, "_batches", spied_batches)
     probs = tmp_path / "probs.tif" if with_probs else None
     result = run(model, src, tmp_path / "out.tif", MEAN3, STD3, k, tile=128, overlap=32, batch_size=3,
                  strip_width=BLOCK, probs_path=probs)  # fmt: skip
@@ -143,8 +148,10 @@ def test_only_uint8_results_cross_to_the_host_once_per_chunk(tmp_path, rng, monk
     assert result.tiles > 2 * chunks  # more windows than chunks: a per-window transfer would show
     assert {dtype for _, dtype, _ in spy.host} == {torch.uint8}, spy.host
     assert sum(name == "cpu" for name, _, _ in spy.host) == chunks * (2 if with_probs else 1)
-    # what moves to the device: the inputs (3 bands, uint8), their masks and the weight, never K probabilities
-    assert not [m for m in spy.moves if m[0].is_floating_point and len(m[1]) >= 3 and m[1][-3] == k], spy.moves
+    # what moves to the device: the raw inputs (uint8) and masks, per batch, and the 2-D blending weight once
+    assert {dtype for dtype, _ in spy.moves} == {torch.uint8, torch.bool, torch.float32}, spy.moves
+    assert [shape for dtype, shape in spy.moves if dtype == torch.float32] == [(128, 128)]
+    assert sum(dtype == torch.uint8 for dtype, _ in spy.moves) == -(-result.tiles // 3)
 
 
 def _scene_threads() -> list[str]:

@@ -43,10 +43,11 @@ log = logging.getLogger(__name__)
 
 GDAL_CACHE_MB = 64
 # Host seconds of the last ``predict`` by phase (``ScenePredictor.profile``). Main thread: waiting for the
-# reader, normalising, the forward, softmax + weighting + adding into the strip buffer, flushing (division,
-# arg-max, uint8 copy to the host), waiting for the writer, assembling the products. Background threads:
-# reading and stacking windows, compressing and writing chunks. On CUDA, kernels run asynchronously: their
-# time shows where the host next waits for them (the flush's copy to the host).
+# reader, the forward, softmax + weighting + adding into the strip buffer, flushing (division, arg-max, uint8
+# copy to the host), waiting for the writer, assembling the products. Background threads: the reader
+# (reading, stacking, copying to the device and normalising there; ``normalise`` is that last part of it),
+# the writer (compressing and writing chunks). On CUDA, kernels run asynchronously: their time shows where
+# the host next waits for them (the flush's copy to the host).
 PROFILE_PHASES = ("read_wait", "normalise", "forward", "blend", "flush", "write_wait", "assemble", "reader",
                   "writer")
 _DTYPE_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -118,13 +119,12 @@ class _WindowReader:
 
 @dataclass
 class _Batch:
-    """One batch of windows as the reader thread hands it over: the windows with any valid pixel
-    (``live``) stacked for the model, and every window's pixel validity."""
+    """One batch of windows as the reader thread hands it over, on the device: the windows with any valid
+    pixel (``live``) stacked and normalised for the model, and every window's pixel validity."""
 
     tiles: list[Tile]
     live: list[int]
-    raw: torch.Tensor | None
-    ok: torch.Tensor | None
+    x: torch.Tensor | None
     valid: torch.Tensor
 
 
@@ -428,18 +428,29 @@ class ScenePredictor:
             )
         return logits
 
-    def _batches(self, read: Callable[[Tile], tuple[np.ndarray, np.ndarray, np.ndarray]], tiles: list[Tile],
-                 start: int) -> Iterator[_Batch]:
-        """The batches from ``start`` on, read and stacked (in the reader thread)."""
-        pin = self.device.type == "cuda"
+    def _batches(self, read: Callable[[Tile], tuple[np.ndarray, np.ndarray, np.ndarray]], normalise: Normaliser,
+                 tiles: list[Tile], start: int, device: torch.device) -> Iterator[_Batch]:
+        """The batches from ``start`` on, read, stacked, moved to the device and normalised there (in the
+        reader thread: on CUDA its kernels queue on the same default stream as the model's, so they are
+        ordered before the forward that uses them)."""
+        pin = device.type == "cuda"
+        if pin:
+            torch.cuda.set_device(device)  # the current device is per thread
         for b0 in range(start, len(tiles), self.batch_size):
             batch = tiles[b0 : b0 + self.batch_size]
             inputs = [read(t) for t in batch]
             live = [i for i, (_, _, v) in enumerate(inputs) if v.any()]  # all-nodata windows add nothing
-            raw = _host_tensor(np.stack([inputs[i][0] for i in live]), pin) if live else None
-            ok = _host_tensor(np.stack([inputs[i][1] for i in live]), pin) if live else None
-            valid = _host_tensor(np.stack([v for _, _, v in inputs]), pin)
-            yield _Batch(batch, live, raw, ok, valid)
+
+            def to_device(arrays: list[np.ndarray]) -> torch.Tensor:
+                return _host_tensor(np.stack(arrays), pin).to(device, non_blocking=True)
+
+            x = None
+            if live:
+                raw, ok = to_device([inputs[i][0] for i in live]), to_device([inputs[i][1] for i in live])
+                t0 = time.perf_counter()
+                x = normalise(raw, ok)
+                self.profile["normalise"] += time.perf_counter() - t0
+            yield _Batch(batch, live, x, to_device([v for _, _, v in inputs]))
 
     def _run(
         self,
@@ -453,34 +464,33 @@ class ScenePredictor:
         with_probs: bool,
     ) -> None:
         dev, prof = self.device, self.profile
+        if dev.type == "cuda" and dev.index is None:  # the reader thread must use the caller's device
+            dev = torch.device("cuda", torch.cuda.current_device())
         weight = torch.from_numpy(window_weight(grid.tile_h, grid.tile_w, self.weight_floor)).to(dev)
         progress = partial.progress  # as loaded: what the chunks held when this run started
         start = progress.first_batch(self.batch_size)
         bar = tqdm(total=len(tiles), initial=start, unit="tile", desc="predict-scene", disable=not self.progress)
-        with bar, Writer() as writer, Prefetcher(lambda: self._batches(read, tiles, start)) as batches:
+        produce = functools.partial(self._batches, read, normalise, tiles, start, dev)
+        with bar, Writer() as writer, Prefetcher(produce) as batches:
             blender = _Blender(partial, progress, grid, strips, self.num_classes, weight, with_probs, writer)
             waited = time.perf_counter()
             for batch in batches:
                 t0 = time.perf_counter()
                 prof["read_wait"] += t0 - waited
-                valid = batch.valid.to(dev, non_blocking=True)
                 results: dict[int, torch.Tensor] = {}
                 if batch.live:
-                    x = normalise(batch.raw.to(dev, non_blocking=True), batch.ok.to(dev, non_blocking=True))
+                    logits = self._forward(batch.x)
                     t1 = time.perf_counter()
-                    logits = self._forward(x)
-                    t2 = time.perf_counter()
-                    del x
+                    batch.x = None
                     probs = torch.softmax(logits.float(), dim=1)
                     del logits  # one batch-sized tensor fewer at the peak
                     results = dict(zip(batch.live, probs.mul_(weight)))
-                    prof["normalise"] += t1 - t0
-                    prof["forward"] += t2 - t1
-                    t0 = t2
+                    prof["forward"] += t1 - t0
+                    t0 = t1
                 for i, tile in enumerate(batch.tiles):
                     bar.update(1)
                     if not progress.accounted(tile.index):
-                        blender.add(tile, results.get(i), valid[i])
+                        blender.add(tile, results.get(i), batch.valid[i])
                 results.clear()
                 prof["blend"] += time.perf_counter() - t0
                 waited = time.perf_counter()
