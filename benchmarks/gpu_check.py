@@ -42,6 +42,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -515,8 +516,8 @@ def stage_scene() -> None:
 
     side, tile = (256, 128) if _tiny() else (4096, 1024)
     precision = "bf16" if _dev() == "cuda" else "fp32"
-    work = Path(os.environ[ENV_RESULTS]).parent / "scene"
-    work.mkdir(exist_ok=True)
+    tmp = tempfile.TemporaryDirectory(prefix="scene_", dir=Path(os.environ[ENV_RESULTS]).parent)
+    work = Path(tmp.name)
     scene, warm = work / f"scene_{side}.tif", work / f"warm_{tile}.tif"
     child_make(side, str(scene))
     child_make(tile, str(warm))
@@ -538,12 +539,14 @@ def stage_scene() -> None:
             classes = out.read(1)
         ok = classes.shape == (side, side) and int(classes.max()) < 7
         phases = ", ".join(f"{k} {v:.2f}s" for k, v in pred.profile.items() if v >= 0.005)
-        record(check, "PASS" if ok else "FAIL", f"{side * side / 1e6 / wall:.1f} Mpx/s, model busy {busy / wall:.0%}",
+        record(check, "PASS" if ok else "FAIL", f"{side * side / 1e6 / wall:.3g} Mpx/s, model busy {busy / wall:.0%}",
                f"wall {wall:.1f}s, {result.tiles} tiles, forward {busy:.1f}s{_peak()}; host phases: {phases}; "
                f"classes {np.unique(classes).tolist()}", kind="scene", wall_s=wall, busy_s=busy,
                profile=pred.profile)  # fmt: skip
     except Exception as err:
         record(check, "OOM" if _is_oom(err) else "FAIL", "raised", where(err))
+    finally:
+        tmp.cleanup()
 
 
 # ------------------------------------------------------------------------------------------------ parent
