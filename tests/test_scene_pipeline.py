@@ -259,3 +259,25 @@ def test_writer_runs_jobs_in_order_and_fails_the_next_submit():
         writer.submit(lambda: done.append("queued too"))
         raise KeyboardInterrupt
     assert done[-2:] == ["queued", "queued too"] and not _scene_threads()
+
+
+def test_model_digest_is_reused_until_a_weight_changes(tmp_path, rng, monkeypatch):
+    from seglstm.inference.scene import predictor as predictor_module
+    from tests.scene_helpers import palette
+
+    calls = []
+    digest = predictor_module._model_digest
+    monkeypatch.setattr(predictor_module, "_model_digest", lambda m: calls.append(1) or digest(m))
+    src = write_tif(tmp_path / "in.tif", rng.integers(0, 256, (3, 64, 80), dtype=np.uint8))
+    model = RuleModel(U3, MEAN3, STD3, T4)
+    pred = ScenePredictor(model, MEAN3, STD3, [f"c{i}" for i in range(4)], palette(4), tile=64, overlap=16,
+                          device="cpu", precision="fp32", progress=False)  # fmt: skip
+    first = pred._digest()
+    pred.predict(src, tmp_path / "a.tif")
+    pred.predict(src, tmp_path / "b.tif")
+    assert len(calls) == 1 and pred._digest() == first
+    with torch.no_grad():
+        model.score.weight[0, 0] += 1e-3  # in place: the tensor's version counter moves
+    assert pred._digest() != first and len(calls) == 2
+    model.load_state_dict(RuleModel(U3, MEAN3, STD3, T4).state_dict())  # copied in place: back to the original
+    assert pred._digest() == first and len(calls) == 3

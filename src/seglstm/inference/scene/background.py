@@ -85,8 +85,8 @@ class Prefetcher(Generic[T]):
 class Writer:
     """Runs submitted jobs (callables) one at a time, in order, in a thread.
 
-    ``busy_s`` is the time the thread spent in jobs; ``wait_s`` the time the caller spent waiting for room
-    in the queue or for the last jobs on leaving the block."""
+    ``busy_s`` is the time the thread spent in jobs; ``wait_s`` the time the caller spent in ``submit``
+    waiting for room in the queue (not the wait for the last jobs on leaving the block)."""
 
     def __init__(self, depth: int = 2, name: str = "scene-writer") -> None:
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
@@ -113,22 +113,22 @@ class Writer:
             raise self._error
 
     def _put(self, item: object) -> None:
-        t0 = time.perf_counter()
-        try:
-            while True:
-                if item is not _DONE:
-                    self._raise()
-                try:
-                    self._queue.put(item, timeout=_POLL_S)
-                    return
-                except queue.Full:
-                    continue
-        finally:
-            self.wait_s += time.perf_counter() - t0
+        while True:
+            if item is not _DONE:
+                self._raise()
+            try:
+                self._queue.put(item, timeout=_POLL_S)
+                return
+            except queue.Full:
+                continue
 
     def submit(self, job: Callable[[], object]) -> None:
         """Queue ``job``; raises the error of an earlier job instead."""
-        self._put(job)
+        t0 = time.perf_counter()
+        try:
+            self._put(job)
+        finally:
+            self.wait_s += time.perf_counter() - t0
 
     def __enter__(self) -> Writer:
         self._thread.start()
@@ -137,8 +137,6 @@ class Writer:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self._put(_DONE)  # the thread finishes the queued jobs (each leaves the disk consistent) and stops
-        t0 = time.perf_counter()
         self._thread.join()
-        self.wait_s += time.perf_counter() - t0
         if exc is None:
             self._raise()

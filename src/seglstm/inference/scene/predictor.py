@@ -130,7 +130,7 @@ class _Batch:
 
 def _host_tensor(array: np.ndarray, pin: bool) -> torch.Tensor:
     """A host tensor for a copy to the device: page-locked (so the copy is asynchronous) on CUDA."""
-    t = torch.from_numpy(np.ascontiguousarray(array))
+    t = torch.from_numpy(array)
     return t.pin_memory() if pin else t
 
 
@@ -202,6 +202,9 @@ class ScenePredictor:
         buffer_mb: memory for the strip buffer, which sets the strip width (never below two tiles).
         strip_width: force a strip width (multiple of 256) instead of deriving it from ``buffer_mb``.
         progress: show a tqdm progress bar.
+
+    After ``predict``, ``profile`` holds its host seconds per phase (see ``PROFILE_PHASES``), for finding
+    where a run's time goes (``benchmarks/scene_pipeline.py``).
     """
 
     def __init__(
@@ -257,10 +260,21 @@ class ScenePredictor:
         self.weight_floor, self.buffer_mb = weight_floor, buffer_mb
         self.strip_width, self.progress = strip_width, progress
         self.profile = dict.fromkeys(PROFILE_PHASES, 0.0)
+        self._digest_cache: tuple[tuple | None, str] | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def _digest(self) -> str:
+        """:func:`_model_digest`, hashed again only when a weight changed (its storage or its in-place version
+        counter): hashing vil_s's weights costs about a second, which would count against every scene."""
+        key = None
+        if isinstance(self.model, nn.Module):
+            key = tuple((name, t.data_ptr(), t._version) for name, t in self.model.state_dict().items())
+        if key is None or self._digest_cache is None or self._digest_cache[0] != key:
+            self._digest_cache = (key, _model_digest(self.model))
+        return self._digest_cache[1]
 
     def _strip_width(self, grid: TileGrid, n_bands: int, itemsize: int) -> int:
         if self.strip_width is not None:
@@ -335,7 +349,7 @@ class ScenePredictor:
                 "tile": self.tile, "overlap": self.overlap, "batch_size": self.batch_size,
                 "strip_width": strip_width, "weight_floor": self.weight_floor, "probs": probs_path is not None,
                 "device": self.device.type, "precision": _DTYPE_NAMES[self.amp_dtype],
-                "model": _model_digest(self.model),
+                "model": self._digest(),
             })
             progress = partial.start(resume)
             tiles = plan_run(grid, strips)
