@@ -15,7 +15,7 @@ class StripBuffer:
     """Running weighted-probability sums for rows ``[y0, y0 + cap)`` of one strip's window extent."""
 
     def __init__(self, strip: Strip, grid: TileGrid, num_classes: int, y0: int, device: torch.device) -> None:
-        self.strip, self.y0 = strip, y0
+        self.strip, self.y0, self.end = strip, y0, y0  # rows [y0, end) may hold sums, the rest are zero
         self.ex0, ex1 = strip.extent(grid)
         self.cap = grid.tile_h + BLOCK
         width = ex1 - self.ex0
@@ -31,6 +31,7 @@ class StripBuffer:
         self.acc[:, r0:r1, c0:c1] += wprobs[:, skip:]
         self.wsum[r0:r1, c0:c1] += weight[skip:]
         self.valid[r0:r1, c0:c1] = valid[skip:]
+        self.end = max(self.end, y + wprobs.shape[1])
 
     def blended(self, y0: int, y1: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Blended probabilities ``(K, h, w)`` and validity of rows ``[y0, y1)`` in the output columns."""
@@ -42,13 +43,14 @@ class StripBuffer:
 
     def slide(self, y1: int) -> None:
         """Drop the rows above ``y1`` (flushed) so that the buffer starts there."""
-        n = y1 - self.y0
+        n, used = y1 - self.y0, self.end - self.y0
+        keep = max(0, used - n)  # only rows some window reached move; the others are zero already
         for t in (self.acc, self.wsum[None], self.valid[None]):
-            for r in range(0, self.cap - n, n):  # moves of n rows at a time: source and target never overlap
-                m = min(n, self.cap - n - r)
+            for r in range(0, keep, n):  # moves of n rows at a time: source and target never overlap
+                m = min(n, keep - r)
                 t[:, r : r + m] = t[:, r + n : r + n + m]
-            t[:, self.cap - n :] = 0
-        self.y0 = y1
+            t[:, keep:used] = 0
+        self.y0, self.end = y1, max(y1, self.end)
 
 
 def first_argmax(p: torch.Tensor) -> torch.Tensor:
