@@ -2,7 +2,8 @@
 and vil_s with a profile of the rest, for a baseline source tree and this one, in one run.
 
     python benchmarks/scene_pipeline.py [--baseline REV] [--side 4096] [--tile 1024] [--overlap 256]
-                                        [--vil-side 1792] [--vil-tile 1024] [--rounds 2] [--out JSON]
+                                        [--vil-side 1792] [--vil-tile 1024] [--rounds 2] [--threads N]
+                                        [--omp-wait-policy auto] [--out JSON]
 
 Rows, each in a fresh child process with the tree's ``src/`` first on PYTHONPATH (``git archive REV src``
 for the baseline, as compare_trees.py does); rounds alternate the order of the trees and each number is
@@ -18,7 +19,8 @@ the minimum over the rounds:
 
 For the working tree the predictor's own profile (``ScenePredictor.profile``: reader wait, normalise,
 forward, blend, flush, writer wait, assembling; the reader and writer threads' busy time) is printed too.
-Prints tables and writes benchmarks/results/scene_pipeline.json with the machine description.
+Prints tables and writes benchmarks/results/scene_pipeline.json with the machine description. On a shared,
+loaded CPU pass ``--threads 1``: two OpenMP threads there measure the load more than the code.
 """
 
 from __future__ import annotations
