@@ -17,6 +17,7 @@ from torch.overrides import TorchFunctionMode
 from seglstm.inference.scene import BLOCK, NODATA, SceneError, ScenePredictor, window_weight
 from seglstm.inference.scene.background import Prefetcher, Writer
 from seglstm.inference.scene.outputs import PartialRun
+from seglstm.inference.scene.plan import WEIGHT_FLOOR
 from seglstm.inference.scene.source import SceneInput
 from tests.scene_helpers import MEAN3, STD3, U3, RuleModel, read, run, write_tif
 
@@ -46,7 +47,7 @@ def _origins(length: int, tile: int, stride: int) -> list[int]:
     return [min(i * stride, length - tile) for i in range(-(-(length - tile) // stride) + 1)]
 
 
-def _reference(path, model: WindowLinearModel, tile: int, overlap: int, floor: float = 0.1):
+def _reference(path, model: WindowLinearModel, tile: int, overlap: int, floor: float = WEIGHT_FLOOR):
     """The scene read whole with rasterio (masks from GDAL), scaled and normalised, every window of the
     slide grid through the model's formula and blended over the whole scene, all in float64."""
     with rasterio.open(path) as src:
