@@ -21,6 +21,7 @@ What it adds over ``lightning.pytorch.Trainer`` (every other argument is passed 
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable
 from typing import Any, Literal
@@ -52,18 +53,26 @@ def _device_count(devices: Any) -> int:
 
 def default_loggers(root_dir: str) -> list[Logger]:
     """CSV + TensorBoard in ``<root_dir>/logs/version_N`` (TensorBoard in its ``tb`` subfolder)."""
-    from lightning.pytorch.utilities import rank_zero_info
-
-    from seglstm.utils.optional import available, missing_extra_message
+    from seglstm.utils.optional import available
 
     csv = CSVLogger(root_dir, name="logs")
     if not available("tensorboard"):
-        rank_zero_info(missing_extra_message("tensorboard", "TensorBoard logs (metrics.csv is written)"))
+        _note_no_tensorboard()
         return [csv]
     return [
         csv,
         TensorBoardLogger(root_dir, name="logs", version=csv.version, sub_dir="tb", default_hp_metric=False),
     ]
+
+
+@functools.cache
+def _note_no_tensorboard() -> None:
+    """Once per process: fit and test each build a trainer."""
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from seglstm.utils.optional import missing_extra_message
+
+    rank_zero_info(missing_extra_message("tensorboard", "Writing TensorBoard logs beside metrics.csv"))
 
 
 class SegTrainer(Trainer):
