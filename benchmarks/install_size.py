@@ -86,10 +86,15 @@ def dist_bytes(dist: metadata.Distribution) -> int:
 
 
 def footprint(text: str, extras: tuple[str, ...] = ()) -> dict:
+    """Distributions, their versions and bytes; ``beside_torch_*``: what an environment that already has torch
+    and torchvision (and what they need) would add."""
     dists = closure(pyproject_requirements(text, extras))
     sizes = {name: dist_bytes(d) for name, d in sorted(dists.items())}
+    torch_stack = closure([Requirement("torch"), Requirement("torchvision")])
+    beside = {n: b for n, b in sizes.items() if n not in torch_stack}
     return {"distributions": {n: {"version": dists[n].version, "bytes": b} for n, b in sizes.items()},
-            "count": len(sizes), "bytes": sum(sizes.values())}
+            "count": len(sizes), "bytes": sum(sizes.values()),
+            "beside_torch_count": len(beside), "beside_torch_bytes": sum(beside.values())}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,9 +116,11 @@ def main(argv: list[str] | None = None) -> int:
         rows[f"+ [{extra}]"] = footprint(new, (extra,))
     print(f"Python {sys.version.split()[0]} on {sys.platform}; sizes of the installed files (RECORD)\n")
     table = [{"install": label, "dists": row["count"], "MiB": round(row["bytes"] / 2**20, 1),
+              "dists beside torch": row["beside_torch_count"],
+              "MiB beside torch": round(row["beside_torch_bytes"] / 2**20, 1),
               "adds MiB": round((row["bytes"] - base["bytes"]) / 2**20, 1) if label.startswith("+") else None}
              for label, row in rows.items()]
-    print_table(table, ["install", "dists", "MiB", "adds MiB"])
+    print_table(table, ["install", "dists", "MiB", "dists beside torch", "MiB beside torch", "adds MiB"])
     removed = sorted(set(rows[f"mandatory at {args.baseline}"]["distributions"]) - set(base["distributions"]))
     added = sorted(set(base["distributions"]) - set(rows[f"mandatory at {args.baseline}"]["distributions"]))
     print(f"\nno longer mandatory: {', '.join(removed) or '-'}\nnewly mandatory: {', '.join(added) or '-'}")
