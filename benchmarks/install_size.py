@@ -121,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
               "adds MiB": round((row["bytes"] - base["bytes"]) / 2**20, 1) if label.startswith("+") else None}
              for label, row in rows.items()]
     print_table(table, ["install", "dists", "MiB", "dists beside torch", "MiB beside torch", "adds MiB"])
+    for label, row in rows.items():  # in the JSON an extra lists the distributions it adds
+        if label.startswith("+"):
+            row["distributions"] = sorted(set(row.pop("distributions")) - set(base["distributions"]))
     removed = sorted(set(rows[f"mandatory at {args.baseline}"]["distributions"]) - set(base["distributions"]))
     added = sorted(set(base["distributions"]) - set(rows[f"mandatory at {args.baseline}"]["distributions"]))
     print(f"\nno longer mandatory: {', '.join(removed) or '-'}\nnewly mandatory: {', '.join(added) or '-'}")
