@@ -210,7 +210,7 @@ def stage_env() -> None:
     from seglstm.models import mamba
 
     record("mamba_ssm", "INFO" if mamba.MAMBA_SSM_AVAILABLE else "WARN", mamba.MAMBA_SSM_AVAILABLE,
-           "" if mamba.MAMBA_SSM_AVAILABLE else "mamba_upernet runs the chunked PyTorch scan (pip install 'seglstm[mamba]')")
+           "" if mamba.MAMBA_SSM_AVAILABLE else "mamba_upernet runs the chunked PyTorch scan (pip install 'seglstm[mamba-cuda]')")
 
 
 # ----------------------------------------------------------------------------------------------------- cell

@@ -95,6 +95,7 @@ def _write_report(
     from seglstm.utils.io import atomic_write_text
 
     total = sum(times.values())
+    tensorboard = any((out.parent / "logs").glob("version_*/tb"))  # written only with the tensorboard extra
     table = (out / "metrics.md").read_text(encoding="utf-8").split("\n", 2)[-1].strip()
     miou = metrics["mIoU"]
     verdict = []
@@ -150,7 +151,8 @@ def _write_report(
         "",
         "- `metrics.json`, `metrics.md`: the numbers above; `overlay/`, `color/`: every val prediction",
         f"- checkpoints: `{out.parent / 'checkpoints'}`; logs: `{out.parent / 'logs'}` "
-        f"(TensorBoard: `tensorboard --logdir {out.parent / 'logs'}`); config: `{out.parent / 'config.yaml'}`",
+        + (f"(TensorBoard: `tensorboard --logdir {out.parent / 'logs'}`)" if tensorboard else "(metrics.csv)")
+        + f"; config: `{out.parent / 'config.yaml'}`",
         "",
     ]
     path = out / "report.md"

@@ -81,7 +81,9 @@ def _stem(href: str) -> str:
 
 
 def _read_json(href: str, what: str) -> Any:
-    import pystac
+    from seglstm.utils.optional import require
+
+    pystac = require("pystac", "reading STAC documents")
 
     try:
         text = pystac.StacIO.default().read_text(href)

@@ -140,7 +140,9 @@ def _identity(href: str, ds) -> dict:
 
 def _stac_assets(href: str, assets: Sequence[str]) -> list[str]:
     """Absolute hrefs of ``assets`` of the STAC item at ``href`` (a local JSON file or a URL)."""
-    import pystac
+    from seglstm.utils.optional import require
+
+    pystac = require("pystac", "reading STAC documents")
 
     try:
         item = pystac.Item.from_file(href)
