@@ -8,6 +8,7 @@ path in its config). ``python -m tests.reliability_helpers fit ...`` is the CLI 
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import os
 import pathlib
@@ -22,6 +23,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from seglstm.models.registry import list_models, register_model
+from seglstm.training.callbacks import AtomicCheckpointIO
 
 
 class RelTinySeg(nn.Module):
@@ -173,6 +175,68 @@ class SignalAt(Callback):
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
         if trainer.global_step + 1 == self.step and int(os.environ.get("SIGNAL_AT_ON", "1")):
             os.kill(os.getpid(), self.signum)
+
+
+MOMENTS = ("before the first step", "inside a step", "between steps", "in validation", "during a checkpoint write")
+
+
+class SignalWhen(Callback):
+    """Sends ``signum`` to its own process at ``moment`` (one of :data:`MOMENTS`) of training step ``step``
+    (validation: the one after step ``step``; the checkpoint write is :class:`SignalingIO`'s); off when the
+    environment has ``SIGNAL_AT_ON=0``."""
+
+    def __init__(self, moment: str, step: int = 3, signum: int = 15) -> None:
+        if moment not in MOMENTS:
+            raise ValueError(f"moment must be one of {MOMENTS}, got {moment!r}")
+        self.moment, self.step, self.signum = moment, step, signum
+
+    def _send(self, moment: str, step: int) -> None:
+        if moment == self.moment and step == self.step and int(os.environ.get("SIGNAL_AT_ON", "1")):
+            os.kill(os.getpid(), self.signum)
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._send("before the first step", self.step)
+
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
+        self._send("inside a step", trainer.global_step + 1)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._send("between steps", trainer.global_step)
+
+    def on_validation_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not trainer.sanity_checking:
+            self._send("in validation", trainer.global_step)
+
+
+class SignalingIO(AtomicCheckpointIO):
+    """Checkpoint IO that sends ``signum`` to its own process in the middle of writing the checkpoint of step
+    ``step`` (after the first half of its bytes), then finishes the write; once."""
+
+    def __init__(self, step: int = 4, signum: int = 15) -> None:
+        super().__init__()
+        self.step, self.signum, self.sent = step, signum, False
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        if int(checkpoint.get("global_step", -1)) == self.step and int(os.environ.get("SIGNAL_AT_ON", "1")) and not self.sent:
+            self.sent = True
+            real_save = torch.save
+
+            def half_then_signal(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+                buf = io.BytesIO()
+                real_save(obj, buf)
+                data = buf.getvalue()
+                f.write(data[: len(data) // 2])
+                f.flush()
+                os.kill(os.getpid(), self.signum)
+                f.write(data[len(data) // 2 :])
+
+            torch.save = half_then_signal
+            try:
+                super().save_checkpoint(checkpoint, path, storage_options)
+            finally:
+                torch.save = real_save
+            return
+        super().save_checkpoint(checkpoint, path, storage_options)
 
 
 if __name__ == "__main__":  # `python -m tests.reliability_helpers fit ...`: the CLI with rel_tiny_seg

@@ -30,6 +30,7 @@ dotted overrides (``--trainer.max_steps 100``, ``--model.model_kwargs '{depths: 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -39,6 +40,7 @@ import yaml
 from jsonargparse import Namespace
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, SaveConfigCallback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from seglstm.data.io import DataError
 from seglstm.data.registry import dataset_meta
@@ -589,6 +591,9 @@ def main(argv: list[str] | None = None) -> int:
                 auto_resume=auto_resume or _env_auto_resume(),
                 new_version=new_version,
             )
+        except SIGTERMException:  # validate/test/predict: Lightning stops with SystemExit(), i.e. exit status 0
+            print(f"\nseglstm {argv[0]}: interrupted by SIGTERM before the end", file=sys.stderr)
+            return 128 + int(signal.SIGTERM)
         except SystemExit:
             if any(a in ("-h", "--help") for a in argv):
                 print(seglstm_help())
