@@ -12,6 +12,7 @@ import io
 import math
 import os
 import pathlib
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,28 @@ def write_config(path: Path, data_root: Path, run_dir: Path, max_steps: int = 3,
     return path
 
 
+def interval_config(path: Path, data_root: Path, run_dir: Path, max_steps: int = 6, every: int = 2,
+                    callbacks: list[dict] | None = None, plugins: list[dict] | None = None) -> Path:  # fmt: skip
+    """:func:`write_config` with validation and checkpoints every ``every`` steps (coinciding, as in the seed's
+    schedule): ``iter_{step}`` top-1 with ``last.ckpt``, and ``best_mIoU_iter_{step}`` top-1 by val mIoU;
+    ``callbacks`` and ``plugins`` (class-path dicts) are added."""
+    write_config(path, data_root, run_dir, max_steps=max_steps)
+    doc = yaml.safe_load(path.read_text())
+    trainer = doc["trainer"]
+    trainer.update(limit_val_batches=1.0, val_check_interval=every, check_val_every_n_epoch=None)
+    trainer["callbacks"] = [
+        {"class_path": "seglstm.training.callbacks.RunCheckpoint",
+         "init_args": {"filename": "iter_{step}", "every_n_train_steps": every, "save_last": True, "save_top_k": 1}},
+        {"class_path": "seglstm.training.callbacks.RunCheckpoint",
+         "init_args": {"filename": "best_mIoU_iter_{step}", "monitor": "val/mIoU", "mode": "max", "save_top_k": 1}},
+        *(callbacks or []),
+    ]  # fmt: skip
+    if plugins:
+        trainer["plugins"] = plugins
+    path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    return path
+
+
 def tree_digest(folder: Path) -> dict[str, str]:
     """sha256 of every file under ``folder`` (empty when it does not exist): "no output was corrupted"."""
     if not folder.exists():
@@ -206,6 +229,32 @@ class SignalWhen(Callback):
     def on_validation_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         if not trainer.sanity_checking:
             self._send("in validation", trainer.global_step)
+
+
+class KillAt(Callback):
+    """Ends its process like SIGKILL (``how="sigkill"``: the real signal; ``how="raise"``: a BaseException no
+    handler saves anything for, for in-process tests) at ``moment`` of step ``step``: after the step ends
+    (``"after step"``) or in the validation that follows it (``"in validation"``). Off with ``SIGNAL_AT_ON=0``."""
+
+    def __init__(self, step: int, moment: str = "after step", how: str = "sigkill") -> None:
+        self.step, self.moment, self.how = step, moment, how
+
+    def _die(self, moment: str, step: int) -> None:
+        if moment == self.moment and step == self.step and int(os.environ.get("SIGNAL_AT_ON", "1")):
+            if self.how == "sigkill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise SimulatedKill(f"killed {moment} {step}")
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._die("after step", trainer.global_step)
+
+    def on_validation_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not trainer.sanity_checking:
+            self._die("in validation", trainer.global_step)
+
+
+class SimulatedKill(BaseException):
+    """Stands for SIGKILL in-process: nothing catches it, so nothing is saved on the way out."""
 
 
 class SignalingIO(AtomicCheckpointIO):

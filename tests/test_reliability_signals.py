@@ -15,12 +15,11 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
 
 from seglstm.cli.main import main as seglstm
 from seglstm.training.callbacks import read_index
 from seglstm.utils.io import torch_load
-from tests.reliability_helpers import MOMENTS, make_synth, write_config
+from tests.reliability_helpers import MOMENTS, interval_config, make_synth
 
 pytestmark = pytest.mark.usefixtures("rel_tiny_seg")
 
@@ -35,26 +34,15 @@ RESULTS: dict[tuple[str, str], str] = {}
 
 
 def signal_config(tmp: Path, data: Path, name: str, moment: str | None, signum: int = 15) -> Path:
-    """Validation and checkpoints every 2 steps (coinciding, as in the seed's schedule), best by mIoU."""
-    run = tmp / f"run_{name}"
-    cfg = write_config(tmp / f"{name}.yaml", data, run, max_steps=MAX_STEPS)
-    doc = yaml.safe_load(cfg.read_text())
-    trainer = doc["trainer"]
-    trainer.update(limit_val_batches=1.0, val_check_interval=2, check_val_every_n_epoch=None)
-    trainer["callbacks"] = [
-        {"class_path": "seglstm.training.callbacks.RunCheckpoint",
-         "init_args": {"filename": "iter_{step}", "every_n_train_steps": 2, "save_last": True, "save_top_k": 1}},
-        {"class_path": "seglstm.training.callbacks.RunCheckpoint",
-         "init_args": {"filename": "best_mIoU_iter_{step}", "monitor": "val/mIoU", "mode": "max", "save_top_k": 1}},
-    ]  # fmt: skip
     if moment == "during a checkpoint write":
-        trainer["plugins"] = [{"class_path": "tests.reliability_helpers.SignalingIO",
-                               "init_args": {"step": WHERE[moment][0], "signum": int(signum)}}]  # fmt: skip
+        extra = {"plugins": [{"class_path": "tests.reliability_helpers.SignalingIO",
+                              "init_args": {"step": WHERE[moment][0], "signum": int(signum)}}]}  # fmt: skip
     elif moment is not None:
-        trainer["callbacks"].append({"class_path": "tests.reliability_helpers.SignalWhen",
-                                     "init_args": {"moment": moment, "step": WHERE[moment][0], "signum": int(signum)}})  # fmt: skip
-    cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return cfg
+        extra = {"callbacks": [{"class_path": "tests.reliability_helpers.SignalWhen",
+                                "init_args": {"moment": moment, "step": WHERE[moment][0], "signum": int(signum)}}]}  # fmt: skip
+    else:
+        extra = {}
+    return interval_config(tmp / f"{name}.yaml", data, tmp / f"run_{name}", max_steps=MAX_STEPS, **extra)
 
 
 def fit(cfg: Path, *extra: str) -> int:
