@@ -14,6 +14,7 @@ import os
 import pathlib
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -251,6 +252,21 @@ class KillAt(Callback):
     def on_validation_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         if not trainer.sanity_checking:
             self._die("in validation", trainer.global_step)
+
+
+class WaitAt(Callback):
+    """After training step ``step``, waits (up to 5 minutes) until the file named by the environment variable
+    ``WAIT_AT_FILE`` exists; does nothing without it. Keeps a run alive while a test starts another."""
+
+    def __init__(self, step: int = 1) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        marker = os.environ.get("WAIT_AT_FILE")
+        if marker and trainer.global_step == self.step:
+            deadline = time.monotonic() + 300
+            while not Path(marker).exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
 
 
 class SimulatedKill(BaseException):
