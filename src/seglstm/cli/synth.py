@@ -33,6 +33,7 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.out is None and args.grid is None:
         _parser().error("give --out DIR (and/or --grid PNG)")
+    from seglstm.data.io import build_staged
     from seglstm.data.synthetic import generate, sample_grid, sample_scenes
 
     for flag, path in (("--out", args.out), ("--grid", args.grid)):
@@ -42,10 +43,18 @@ def main(argv: list[str]) -> int:
             return 2
     try:
         if args.out is not None:
-            root = generate(
-                args.out, args.train, args.val, args.test, size=args.size, seed=args.seed, workers=args.workers,
-                overwrite=args.overwrite, progress=not args.quiet, bands=args.bands,
-            )  # fmt: skip
+            def write(folder: Path) -> Path:
+                return generate(
+                    folder, args.train, args.val, args.test, size=args.size, seed=args.seed, workers=args.workers,
+                    overwrite=args.overwrite, progress=not args.quiet, bands=args.bands,
+                )  # fmt: skip
+
+            existing = args.out.is_dir() and any(args.out.iterdir())
+            # A new dataset is built in a staging folder and moved into place when complete; an existing one is
+            # left to the generator (kept when up to date, refused without --overwrite).
+            root = write(args.out) if existing and not args.overwrite else build_staged(
+                args.out, write, "seglstm synth " + " ".join(argv)
+            )
             print(f"synthetic dataset ready at {root} (train {args.train}, val {args.val}, test {args.test})")
         if args.grid is not None:
             sample_grid(sample_scenes(args.seed, args.size), args.grid)
