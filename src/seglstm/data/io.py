@@ -256,21 +256,36 @@ def list_files(folder: Path, suffixes: Sequence[str]) -> list[Path]:
     for path in sorted(folder.iterdir()):
         if path.suffix.lower() not in wanted:
             continue
-        try:
-            mode = path.stat().st_mode  # follows symlinks: a loop or a dangling link fails here
-        except OSError as err:
-            bad.append(f"{path}: {err.strerror or err}")
-            continue
-        if stat.S_ISREG(mode) and os.access(path, os.R_OK):
-            files.append(path)
+        problem = unreadable_entry(path)
+        if problem:
+            bad.append(problem)
         else:
-            bad.append(f"{path}: {'not a regular file' if not stat.S_ISREG(mode) else 'no read permission'}")
+            files.append(path)
+    raise_unreadable(folder, bad)
+    return files
+
+
+def unreadable_entry(path: Path) -> str | None:
+    """Why ``path`` cannot be read as a data file (a dangling symlink, a symlink loop, a folder, no read
+    permission), or None when it can."""
+    try:
+        mode = path.stat().st_mode  # follows symlinks: a loop or a dangling link fails here
+    except OSError as err:
+        return f"{path}: {err.strerror or err}"
+    if not stat.S_ISREG(mode):
+        return f"{path}: not a regular file"
+    if not os.access(path, os.R_OK):
+        return f"{path}: no read permission"
+    return None
+
+
+def raise_unreadable(folder: Path, bad: list[str]) -> None:
+    """One :class:`DataError` for the unreadable entries of ``folder`` (reported, never left out silently)."""
     if bad:
         raise DataError(
             f"{len(bad)} unreadable entr{'y' if len(bad) == 1 else 'ies'} in {folder}: {'; '.join(bad[:3])}"
             f"{' ...' if len(bad) > 3 else ''}: fix or remove {'it' if len(bad) == 1 else 'them'}"
         )
-    return files
 
 
 INCOMPLETE_MARKER = ".seglstm-incomplete"
@@ -306,7 +321,7 @@ def check_complete(root: str | Path) -> None:
 
 def build_staged(out: str | Path, build: Callable[[Path], Any], command: str) -> Path:
     """Run ``build(folder)`` in a staging folder beside ``out`` and move the result into place only when it
-    returns, so a kill leaves no half-written dataset at ``out`` (only the staging folder, which
+    returns, so a kill leaves no half-written dataset at ``out`` (only the staging folder, whose marker
     :func:`check_complete` reports with ``command``, and which the next run replaces).
 
     ``out`` may be missing or empty; an existing dataset at ``out`` has its entries replaced one by one under
@@ -318,13 +333,22 @@ def build_staged(out: str | Path, build: Callable[[Path], Any], command: str) ->
         shutil.rmtree(staging)  # a killed writer's
     staging.mkdir(parents=True)
     mark_incomplete(staging, command)
-    build(staging)
-    (staging / INCOMPLETE_MARKER).unlink()
+    built = staging / out.name
+    build(built)
     if out.is_dir() and not any(out.iterdir()):
         out.rmdir()
     if not out.exists():
-        os.replace(staging, out)
-        return out
+        os.replace(built, out)
+    else:
+        marker = mark_incomplete(out, command)
+        for entry in sorted(built.iterdir()):
+            target = out / entry.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            os.replace(entry, target)
+        marker.unlink()
+    shutil.rmtree(staging)
+    return out
     marker = mark_incomplete(out, command)
     for entry in sorted(staging.iterdir()):
         target = out / entry.name

@@ -81,8 +81,14 @@ class RunLock:
         """Take the lock or raise :class:`RunLockedError` naming the holder."""
         import fcntl
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise RunDirectoryError(
+                f"cannot write to {self.path.parent} ({err.strerror or err}): fix its permissions or choose "
+                "another trainer.default_root_dir before training starts"
+            ) from err
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
