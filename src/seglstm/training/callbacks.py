@@ -202,7 +202,7 @@ def write_last(trainer: pl.Trainer) -> str | None:
     # Set first so the saved state names it too: Lightning's next save_last (in this run or a resumed one)
     # then rewrites this file instead of versioning a new last-v1.ckpt beside it.
     keeper.last_model_path = path
-    trainer.save_checkpoint(path)
+    trainer.save_checkpoint(path, weights_only=False)  # the full state, as Lightning's own saves
     if isinstance(keeper, RunCheckpoint):
         keeper.mark_saved()
     return path
