@@ -2,12 +2,16 @@
 
 - :class:`AtomicCheckpointIO`: every checkpoint is written to a temporary file and renamed, so a kill never
   leaves a truncated ``last.ckpt``; each save and removal is recorded in the folder's ``index.json``
-  (global step per file, best score per monitored metric), which ``--auto-resume`` and ``--ckpt_path best``
-  read.
+  (global step and top-k score per file, best file per monitored metric), which ``--auto-resume`` and
+  ``--ckpt_path best`` read.
 - :class:`RunCheckpoint`: ``ModelCheckpoint`` whose files live in ``<default_root_dir>/checkpoints`` (one
   folder per run, like mmseg's ``work_dir``, so ``--ckpt_path last`` finds the previous run's file), named
   ``iter_{step}`` / ``best_mIoU_iter_{step}`` as mmseg names them, optionally saving once more at the end;
-  with ``save_last`` it also refreshes ``last.ckpt`` every ``last_every_minutes`` and on SIGINT/SIGTERM.
+  with ``save_last`` it also refreshes ``last.ckpt`` every ``last_every_minutes`` and on SIGINT/SIGTERM; a
+  monitoring one restores its top-k files from ``index.json`` on resume.
+- :class:`InterruptGuard`: SIGINT/SIGTERM anywhere in ``fit`` end it with ``last.ckpt`` at the point reached
+  and :class:`TrainingInterrupted` (never Lightning's silent exit 0); a checkpoint taken before or during a
+  due validation resumes into that validation.
 - :class:`StepProgressBar`: one bar over all iterations with an ETA (iteration-based training has no
   meaningful epochs).
 - :class:`TestReportWriter` / :class:`SegPredictionWriter`: the files ``seglstm test`` and
