@@ -138,3 +138,17 @@ def test_matrix_document_is_current() -> None:
     rows = [ln for ln in text.split(MATRIX_START)[1].splitlines() if ln.startswith("| ") and "step" in ln]
     assert [r.split("|")[1].strip() for r in rows] == [f"{m} (step {WHERE[m][0]})" for m in MOMENTS]
     assert json.dumps(sorted(SIGNALS)) == json.dumps(sorted(s for s in SIGNALS if s in text))
+
+
+def test_sigterm_in_the_sanity_check_stops_before_the_first_step_and_resumes(tmp_path, data, reference, monkeypatch, capsys):
+    cfg = signal_config(tmp_path, data, "sanity", "before the first step")
+    cfg.write_text(cfg.read_text().replace("num_sanity_val_steps: 0", "num_sanity_val_steps: 2"))
+    assert fit(cfg) == 143
+    assert "interrupted by SIGTERM at iteration 0: wrote" in capsys.readouterr().err
+    assert torch_load(tmp_path / "run_sanity" / "checkpoints" / "last.ckpt")["global_step"] == 0
+    monkeypatch.setenv("SIGNAL_AT_ON", "0")
+    assert fit(cfg, "--auto-resume") == 0
+    resumed = outcome(tmp_path / "run_sanity")
+    assert resumed["best"] == reference["best"] and resumed["files"] == reference["files"]
+    for key, value in reference["weights"].items():
+        assert torch.equal(resumed["weights"][key], value), key
