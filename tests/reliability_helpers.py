@@ -8,10 +8,13 @@ path in its config). ``python -m tests.reliability_helpers fit ...`` is the CLI 
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import os
 import pathlib
+import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from seglstm.models.registry import list_models, register_model
+from seglstm.training.callbacks import AtomicCheckpointIO
 
 
 class RelTinySeg(nn.Module):
@@ -129,6 +133,28 @@ def write_config(path: Path, data_root: Path, run_dir: Path, max_steps: int = 3,
     return path
 
 
+def interval_config(path: Path, data_root: Path, run_dir: Path, max_steps: int = 6, every: int = 2,
+                    callbacks: list[dict] | None = None, plugins: list[dict] | None = None) -> Path:  # fmt: skip
+    """:func:`write_config` with validation and checkpoints every ``every`` steps (coinciding, as in the seed's
+    schedule): ``iter_{step}`` top-1 with ``last.ckpt``, and ``best_mIoU_iter_{step}`` top-1 by val mIoU;
+    ``callbacks`` and ``plugins`` (class-path dicts) are added."""
+    write_config(path, data_root, run_dir, max_steps=max_steps)
+    doc = yaml.safe_load(path.read_text())
+    trainer = doc["trainer"]
+    trainer.update(limit_val_batches=1.0, val_check_interval=every, check_val_every_n_epoch=None)
+    trainer["callbacks"] = [
+        {"class_path": "seglstm.training.callbacks.RunCheckpoint",
+         "init_args": {"filename": "iter_{step}", "every_n_train_steps": every, "save_last": True, "save_top_k": 1}},
+        {"class_path": "seglstm.training.callbacks.RunCheckpoint",
+         "init_args": {"filename": "best_mIoU_iter_{step}", "monitor": "val/mIoU", "mode": "max", "save_top_k": 1}},
+        *(callbacks or []),
+    ]  # fmt: skip
+    if plugins:
+        trainer["plugins"] = plugins
+    path.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    return path
+
+
 def tree_digest(folder: Path) -> dict[str, str]:
     """sha256 of every file under ``folder`` (empty when it does not exist): "no output was corrupted"."""
     if not folder.exists():
@@ -173,6 +199,109 @@ class SignalAt(Callback):
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
         if trainer.global_step + 1 == self.step and int(os.environ.get("SIGNAL_AT_ON", "1")):
             os.kill(os.getpid(), self.signum)
+
+
+MOMENTS = ("before the first step", "inside a step", "between steps", "in validation", "during a checkpoint write")
+
+
+class SignalWhen(Callback):
+    """Sends ``signum`` to its own process at ``moment`` (one of :data:`MOMENTS`) of training step ``step``
+    (validation: the one after step ``step``; the checkpoint write is :class:`SignalingIO`'s); off when the
+    environment has ``SIGNAL_AT_ON=0``."""
+
+    def __init__(self, moment: str, step: int = 3, signum: int = 15) -> None:
+        if moment not in MOMENTS:
+            raise ValueError(f"moment must be one of {MOMENTS}, got {moment!r}")
+        self.moment, self.step, self.signum = moment, step, signum
+
+    def _send(self, moment: str, step: int) -> None:
+        if moment == self.moment and step == self.step and int(os.environ.get("SIGNAL_AT_ON", "1")):
+            os.kill(os.getpid(), self.signum)
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._send("before the first step", self.step)
+
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
+        self._send("inside a step", trainer.global_step + 1)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._send("between steps", trainer.global_step)
+
+    def on_validation_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not trainer.sanity_checking:
+            self._send("in validation", trainer.global_step)
+
+
+class KillAt(Callback):
+    """Ends its process like SIGKILL (``how="sigkill"``: the real signal; ``how="raise"``: a BaseException no
+    handler saves anything for, for in-process tests) at ``moment`` of step ``step``: after the step ends
+    (``"after step"``) or in the validation that follows it (``"in validation"``). Off with ``SIGNAL_AT_ON=0``."""
+
+    def __init__(self, step: int, moment: str = "after step", how: str = "sigkill") -> None:
+        self.step, self.moment, self.how = step, moment, how
+
+    def _die(self, moment: str, step: int) -> None:
+        if moment == self.moment and step == self.step and int(os.environ.get("SIGNAL_AT_ON", "1")):
+            if self.how == "sigkill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise SimulatedKill(f"killed {moment} {step}")
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._die("after step", trainer.global_step)
+
+    def on_validation_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not trainer.sanity_checking:
+            self._die("in validation", trainer.global_step)
+
+
+class WaitAt(Callback):
+    """After training step ``step``, waits (up to 5 minutes) until the file named by the environment variable
+    ``WAIT_AT_FILE`` exists; does nothing without it. Keeps a run alive while a test starts another."""
+
+    def __init__(self, step: int = 1) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        marker = os.environ.get("WAIT_AT_FILE")
+        if marker and trainer.global_step == self.step:
+            deadline = time.monotonic() + 300
+            while not Path(marker).exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+
+class SimulatedKill(BaseException):
+    """Stands for SIGKILL in-process: nothing catches it, so nothing is saved on the way out."""
+
+
+class SignalingIO(AtomicCheckpointIO):
+    """Checkpoint IO that sends ``signum`` to its own process in the middle of writing the checkpoint of step
+    ``step`` (after the first half of its bytes), then finishes the write; once."""
+
+    def __init__(self, step: int = 4, signum: int = 15) -> None:
+        super().__init__()
+        self.step, self.signum, self.sent = step, signum, False
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        if int(checkpoint.get("global_step", -1)) == self.step and int(os.environ.get("SIGNAL_AT_ON", "1")) and not self.sent:
+            self.sent = True
+            real_save = torch.save
+
+            def half_then_signal(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+                buf = io.BytesIO()
+                real_save(obj, buf)
+                data = buf.getvalue()
+                f.write(data[: len(data) // 2])
+                f.flush()
+                os.kill(os.getpid(), self.signum)
+                f.write(data[len(data) // 2 :])
+
+            torch.save = half_then_signal
+            try:
+                super().save_checkpoint(checkpoint, path, storage_options)
+            finally:
+                torch.save = real_save
+            return
+        super().save_checkpoint(checkpoint, path, storage_options)
 
 
 if __name__ == "__main__":  # `python -m tests.reliability_helpers fit ...`: the CLI with rel_tiny_seg

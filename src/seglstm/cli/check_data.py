@@ -81,10 +81,13 @@ def main(argv: list[str]) -> int:
     overrides = data_overrides(extra, parser)
     from seglstm.data import SegDataModule
     from seglstm.data.check import band_statistics, check_dataset, statistics_yaml
-    from seglstm.data.io import DataError, DatasetNotFoundError
+    from seglstm.data.io import DataError, DatasetNotFoundError, check_complete
 
     try:
         init = {**data_init_args(args.config), **overrides}
+        for key in ("root", "predict_root", "scenes"):
+            if init.get(key):
+                check_complete(Path(init[key]).parent if key == "scenes" else init[key])
         if args.stats and init.get("mean") is None and init.get("bands"):
             # the statistics are what the config lacks: read raw values with a neutral normalisation
             init.update(mean=[0.0] * len(init["bands"]), std=[1.0] * len(init["bands"]))

@@ -47,7 +47,7 @@ def main(argv: list[str]) -> int:
         report = convert_isprs(
             args.dataset, args.sources, args.out, clip_size=args.clip_size, stride=args.stride,
             eroded=args.eroded, true_stride=args.true_stride, bands=args.bands, overwrite=args.overwrite,
-            progress=not args.quiet,
+            progress=not args.quiet, command="seglstm convert " + " ".join(argv),
         )  # fmt: skip
     except (DataError, ValueError, FileExistsError) as err:
         print(f"seglstm convert: error: {err}", file=sys.stderr)

@@ -199,15 +199,21 @@ def main(argv: list[str]) -> int:
         return 2
     times: dict[str, float] = {}
     try:
+        from seglstm.data.io import build_staged
         from seglstm.data.synthetic import generate
 
         t = time.perf_counter()
         print(
             f"[{PROG}] dataset: {spec['n_train']} train + {spec['n_val']} val synthetic images at {spec['data']}"
         )
-        root = generate(
-            spec["data"], spec["n_train"], spec["n_val"], size=spec["size"], seed=0, workers=args.workers
-        )
+        data = Path(spec["data"])
+
+        def write(folder: Path) -> Path:
+            return generate(folder, spec["n_train"], spec["n_val"], size=spec["size"], seed=0, workers=args.workers)
+
+        # a new dataset is built beside its folder and moved in when complete (a killed demo leaves none)
+        existing = data.is_dir() and any(data.iterdir())
+        root = write(data) if existing else build_staged(data, write, f"seglstm demo --data {data}")
         times["dataset"] = time.perf_counter() - t
 
         common = ["--config", str(config), "--data.root", str(root), "--trainer.default_root_dir", str(out)]
@@ -235,6 +241,10 @@ def main(argv: list[str]) -> int:
         times["report"] = time.perf_counter() - t
         metrics = json.loads((report / "metrics.json").read_text(encoding="utf-8"))
         path = _write_report(report, metrics, times, args, spec, config)
+    except FileExistsError as err:
+        print(f"{PROG}: error: {err.args[0].split(';')[0]}, and it is not this demo's dataset: give another --data "
+              "folder, or remove that one", file=sys.stderr)  # fmt: skip
+        return 1
     except (DemoError, ValueError, OSError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 1

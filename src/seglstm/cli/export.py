@@ -36,12 +36,15 @@ def main(argv: list[str]) -> int:
     from seglstm.inference.export import export_segmentor
     from seglstm.inference.loading import SegmentorLoadError, load_segmentor
     from seglstm.models.checkpoint import CheckpointMismatchError
-    from seglstm.utils.io import CheckpointLoadError
+    from seglstm.utils.io import CheckpointLoadError, blocking_file
 
     out = Path(args.out) if args.out else Path(args.ckpt).with_suffix(f".{args.format}")
     try:
         if out.resolve() == Path(args.ckpt).resolve():
             raise ValueError(f"--out {out} would overwrite the checkpoint")
+        blocker = blocking_file(out)
+        if blocker is not None:
+            raise ValueError(f"--out {out}: {blocker} is a file, not a folder; choose another --out")
         model, meta = load_segmentor(args.ckpt, args.config, map_location="cpu", unsafe=args.unsafe_load)
         written = export_segmentor(model, meta, out, tile=args.tile, fmt=args.format, batch=args.batch)
     except (ValueError, FileNotFoundError, SegmentorLoadError, CheckpointMismatchError, CheckpointLoadError) as err:

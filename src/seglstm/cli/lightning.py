@@ -30,6 +30,8 @@ dotted overrides (``--trainer.max_steps 100``, ``--model.model_kwargs '{depths: 
 from __future__ import annotations
 
 import os
+import re
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -39,8 +41,9 @@ import yaml
 from jsonargparse import Namespace
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, SaveConfigCallback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from seglstm.data.io import DataError
+from seglstm.data.io import DataError, check_complete
 from seglstm.data.registry import dataset_meta
 from seglstm.models.checkpoint import CheckpointMismatchError, load_pretrained
 from seglstm.training._lightning_compat import SubcommandHooksCLI
@@ -116,6 +119,8 @@ def expand_configs(argv: list[str], allowed_class_paths: tuple[str, ...] = ()) -
         if path.suffix.lower() in (".yaml", ".yml", ".json") and path.is_file():
             names.append(path.stem)
             composed = compose_config(path)
+            if not composed:
+                raise ConfigError(f"--config {value}: the file is empty (no settings): fill it in or leave it out")
             check_class_paths(composed, str(path), allowed_class_paths)
             if has_bases(path):
                 value = yaml.safe_dump(composed, sort_keys=False)
@@ -221,6 +226,58 @@ def _state_shapes(ckpt: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in (ckpt.get("state_dict") or {}).items() if hasattr(v, "shape")}
 
 
+class ConfigParseError(ValueError):
+    """jsonargparse rejected a key or value; raised instead of its usage dump (``--help`` still shows it)."""
+
+
+class SegArgumentParser(LightningArgumentParser):
+    """Lightning's parser whose errors end the command with one line (see :func:`describe_parse_error`)
+    rather than the ~80 lines of usage jsonargparse prints before them."""
+
+    def error(self, message: str, ex: Exception | None = None) -> Any:
+        if not self.exit_on_error:  # a nested parse that jsonargparse catches itself
+            return super().error(message, ex)
+        raise ConfigParseError(message) from ex
+
+
+def _lookup(doc: Any, key: str) -> bool:
+    """Whether the dotted ``key`` is set in the config mapping ``doc`` (through ``init_args`` levels too)."""
+    for part in key.split("."):
+        if isinstance(doc, dict) and part not in doc and isinstance(doc.get("init_args"), dict):
+            doc = doc["init_args"]
+        if not isinstance(doc, dict) or part not in doc:
+            return False
+        doc = doc[part]
+    return True
+
+
+def _sets(path: Path, key: str) -> bool:
+    try:
+        return _lookup(compose_config(path), key)
+    except ConfigError:
+        return False
+
+
+def describe_parse_error(message: str, subcommand: str, argv: list[str], config_files: list[Path]) -> str:
+    """One line for a jsonargparse error: the config file (or argument) that sets the key, the key, and what
+    is wrong with it."""
+    found = re.search(r"option '([\w.]+)'|[Kk]ey \"([\w.]+)\"|[Kk]ey '([\w.]+)'", message)
+    key = next((g for g in found.groups() if g), None) if found else None
+    detail = " ".join(message.split())
+    if found and "does not accept option" in message:
+        detail = f"unknown key (not an option of seglstm {subcommand})"
+    elif key and found:
+        detail = " ".join(message[found.end():].split()).lstrip(":. ") or detail
+    where = "the command line"
+    if key:
+        if any(a == f"--{key}" or a.startswith(f"--{key}=") for a in argv):  # arguments override the files
+            where = f"argument --{key}"
+        else:
+            where = next((f"config file {p}" for p in reversed(config_files) if _sets(p, key)), where)
+        detail = f"{key}: {detail}"
+    return f"{where}: {detail} (`seglstm {subcommand} --help` lists the options)"
+
+
 class SegLightningCLI(SubcommandHooksCLI):
     """LightningCLI with the project's checks, run layout and test/predict outputs (module docstring)."""
 
@@ -240,7 +297,7 @@ class SegLightningCLI(SubcommandHooksCLI):
         self.resuming = False
         self.weights_file: str | None = None
         self.ckpt_shapes: dict[str, tuple[int, ...]] | None = None
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, parser_class=SegArgumentParser, **kwargs)
 
     def add_subcommand_arguments(self, parser: LightningArgumentParser, subcommand: str) -> None:
         if subcommand == "test":
@@ -453,6 +510,15 @@ class SegLightningCLI(SubcommandHooksCLI):
             )
         except ValueError as err:
             raise ConfigValueError(str(err)) from err
+        interval = cfg.trainer.get("val_check_interval")
+        if isinstance(interval, (int, float)) and not isinstance(interval, bool) and interval <= 0:
+            raise ConfigValueError(
+                f"trainer.val_check_interval must be > 0 (a number of steps, or a fraction of an epoch up to "
+                f"1.0), got {interval}"
+            )
+        every = cfg.trainer.get("check_val_every_n_epoch")
+        if isinstance(every, int) and every <= 0:
+            raise ConfigValueError(f"trainer.check_val_every_n_epoch must be >= 1 or null, got {every}")
 
     @staticmethod
     def _check_data_paths(data: Namespace, subcommand: str | None) -> None:
@@ -461,6 +527,10 @@ class SegLightningCLI(SubcommandHooksCLI):
             keys = []  # scenes.yaml names the files (checked when it is read)
             if not data.get("scenes"):
                 raise ConfigValueError("data.scenes is not set: give the path of a scenes.yaml")
+            try:
+                check_complete(Path(data.get("scenes")).parent)
+            except DataError as err:
+                raise ConfigValueError(f"data.scenes: {err}") from err
             if not Path(data.get("scenes")).is_file():
                 raise ConfigValueError(f"data.scenes: {data.get('scenes')} does not exist")
         if subcommand == "predict":
@@ -469,6 +539,10 @@ class SegLightningCLI(SubcommandHooksCLI):
             value = data.get(key)
             if value is None:
                 raise ConfigValueError(f"data.{key} is not set: give the dataset folder")
+            try:
+                check_complete(value)
+            except DataError as err:
+                raise ConfigValueError(f"data.{key}: {err}") from err
             if not Path(value).is_dir():
                 raise ConfigValueError(f"data.{key}: {value} is not a directory")
         classes_file = data.get("classes_file")
@@ -597,10 +671,17 @@ def main(argv: list[str] | None = None) -> int:
                 auto_resume=auto_resume or _env_auto_resume(),
                 new_version=new_version,
             )
+        except SIGTERMException:  # validate/test/predict: Lightning stops with SystemExit(), i.e. exit status 0
+            print(f"\nseglstm {argv[0]}: interrupted by SIGTERM before the end", file=sys.stderr)
+            return 128 + int(signal.SIGTERM)
         except SystemExit:
             if any(a in ("-h", "--help") for a in argv):
                 print(seglstm_help())
             raise
+    except ConfigParseError as err:
+        files = [Path(a) for a in argv if Path(a).suffix.lower() in (".yaml", ".yml", ".json") and Path(a).is_file()]
+        print(f"\nseglstm {argv[0]}: error: {describe_parse_error(str(err), argv[0], argv, files)}", file=sys.stderr)
+        return 2
     except (ConfigError, ConfigValueError) as err:
         print(f"\nseglstm {argv[0]}: error: {err}", file=sys.stderr)
         return 2

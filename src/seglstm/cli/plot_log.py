@@ -57,14 +57,25 @@ def read_curves(paths: list[Path]) -> dict[str, dict[int, float]]:
     for path in paths:
         with open(path, newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh)
-            if reader.fieldnames is None or "step" not in reader.fieldnames:
-                raise LogError(f"{path}: not a Lightning CSV log (no 'step' column)")
-            for row in reader:
-                step = int(float(row["step"]))
-                for key, cell in row.items():
-                    if key in ("step", "epoch") or cell in (None, ""):
-                        continue
-                    curves.setdefault(key, {})[step] = float(cell)
+            try:
+                if reader.fieldnames is None or "step" not in reader.fieldnames:
+                    raise LogError(f"{path}: not a Lightning CSV log (no 'step' column)")
+                for row in reader:
+                    if None in row:
+                        raise ValueError(f"{len(reader.fieldnames) + len(row[None])} cells for {len(reader.fieldnames)} columns")
+                    step = int(float(row["step"]))
+                    for key, cell in row.items():
+                        if key in ("step", "epoch") or cell in (None, ""):
+                            continue
+                        curves.setdefault(key, {})[step] = float(cell)
+            except LogError:
+                raise
+            except UnicodeDecodeError:
+                raise LogError(f"{path}: not a text CSV file (not UTF-8)") from None
+            except ValueError as err:  # csv.Error is not one: caught below
+                raise LogError(f"{path}: line {reader.line_num}: {err}") from err
+            except csv.Error as err:
+                raise LogError(f"{path}: line {reader.line_num}: {err}") from err
     return curves
 
 

@@ -19,8 +19,10 @@ from seglstm.data.io import (
     DatasetNotFoundError,
     image_size,
     item_error,
+    raise_unreadable,
     read_image,
     read_mask,
+    unreadable_entry,
 )
 from seglstm.data.transforms import Sample, Transform, item_seed
 
@@ -46,9 +48,15 @@ def _by_key(folder: Path, suffix: str) -> dict[str, Path]:
     """Files of ``folder`` named ``<key><suffix>`` (suffix matched case-insensitively), keyed by ``key``."""
     low = suffix.lower()
     found: dict[str, Path] = {}
+    bad = []
     for p in sorted(folder.iterdir()):
-        if p.is_file() and p.name.lower().endswith(low) and len(p.name) > len(suffix):
-            found[p.name[: -len(suffix)]] = p
+        if p.name.lower().endswith(low) and len(p.name) > len(suffix):
+            problem = unreadable_entry(p)
+            if problem:
+                bad.append(problem)
+            else:
+                found[p.name[: -len(suffix)]] = p
+    raise_unreadable(folder, bad)
     return found
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from seglstm.data.io import DataError, write_png
+from seglstm.data.io import DataError, mark_incomplete, write_png
 
 POTSDAM_SPLITS = {
     "train": ["2_10", "2_11", "2_12", "3_10", "3_11", "3_12", "4_10", "4_11", "4_12", "5_10", "5_11", "5_12",
@@ -210,6 +210,7 @@ def convert_isprs(
     bands: str = "RGB",
     overwrite: bool = False,
     progress: bool = True,
+    command: str | None = None,
 ) -> ConvertReport:
     """Convert official tiles (folders, zips or TIFFs) of ``potsdam`` or ``vaihingen`` to mmseg's layout.
 
@@ -274,6 +275,9 @@ def convert_isprs(
     # a bad tile later in the list leaves the previous dataset (or nothing), never a partial one.
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.convert-", dir=out.parent))
+    # A kill skips the cleanup below: the markers name the command that completes the dataset.
+    command = command or f"seglstm convert {dataset} {' '.join(map(str, sources))} --out {out}"
+    mark_incomplete(staging, command)
     try:
         for tile in tqdm(sorted(tiles), desc=f"convert {dataset}", unit="tile", disable=not progress):
             split = known[tile]
@@ -296,12 +300,14 @@ def convert_isprs(
                     report.patches[split] += 1
             report.tiles[split].append(tile)
         out.mkdir(exist_ok=True)
+        marker = mark_incomplete(out, command)
         for name in ("img_dir", "ann_dir"):
             if not (staging / name).exists():
                 continue
             if (out / name).exists():
                 shutil.rmtree(out / name)
             os.replace(staging / name, out / name)
+        marker.unlink()
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return report

@@ -7,10 +7,15 @@ returns numpy arrays in the file's own dtype: images as ``H x W x C``, masks as 
 
 from __future__ import annotations
 
+import glob
+import os
+import shutil
+import stat
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -240,6 +245,116 @@ def write_text(path: str | Path, text: str) -> None:
 
 
 def list_files(folder: Path, suffixes: Sequence[str]) -> list[Path]:
-    """Files directly in ``folder`` whose suffix (case-insensitive) is one of ``suffixes``, sorted by name."""
+    """Files directly in ``folder`` whose suffix (case-insensitive) is one of ``suffixes``, sorted by name.
+
+    Raises:
+        DataError: an entry with one of those suffixes cannot be read as a file (a dangling symlink, a
+            symlink loop, a folder, no permission): reported rather than silently left out of the split.
+    """
     wanted = {s.lower() for s in suffixes}
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in wanted)
+    files, bad = [], []
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() not in wanted:
+            continue
+        problem = unreadable_entry(path)
+        if problem:
+            bad.append(problem)
+        else:
+            files.append(path)
+    raise_unreadable(folder, bad)
+    return files
+
+
+def unreadable_entry(path: Path) -> str | None:
+    """Why ``path`` cannot be read as a data file (a dangling symlink, a symlink loop, a folder, no read
+    permission), or None when it can."""
+    try:
+        mode = path.stat().st_mode  # follows symlinks: a loop or a dangling link fails here
+    except OSError as err:
+        return f"{path}: {err.strerror or err}"
+    if not stat.S_ISREG(mode):
+        return f"{path}: not a regular file"
+    if not os.access(path, os.R_OK):
+        return f"{path}: no read permission"
+    return None
+
+
+def raise_unreadable(folder: Path, bad: list[str]) -> None:
+    """One :class:`DataError` for the unreadable entries of ``folder`` (reported, never left out silently)."""
+    if bad:
+        raise DataError(
+            f"{len(bad)} unreadable entr{'y' if len(bad) == 1 else 'ies'} in {folder}: {'; '.join(bad[:3])}"
+            f"{' ...' if len(bad) > 3 else ''}: fix or remove {'it' if len(bad) == 1 else 'them'}"
+        )
+
+
+INCOMPLETE_MARKER = ".seglstm-incomplete"
+
+
+def mark_incomplete(folder: str | Path, command: str) -> Path:
+    """Write the marker that says ``folder`` is a dataset still being written, and by which command (the
+    writer removes it last, so a killed writer leaves it behind for :func:`check_complete` to report)."""
+    marker = Path(folder) / INCOMPLETE_MARKER
+    write_text(marker, command + "\n")
+    return marker
+
+
+def check_complete(root: str | Path) -> None:
+    """Refuse a dataset whose writer (``synth``, ``convert``) stopped before the end, naming the command
+    that completes it: its marker in ``root``, or only a staging folder beside a missing ``root``.
+
+    Raises:
+        DataError: naming the folder and the command.
+    """
+    root = Path(root)
+    markers = [root / INCOMPLETE_MARKER]
+    if not root.exists() and root.parent.is_dir():
+        markers += sorted(root.parent.glob(f".{glob.escape(root.name)}.*/{INCOMPLETE_MARKER}"))
+    for marker in markers:
+        if marker.is_file():
+            command = marker.read_text(encoding="utf-8", errors="replace").strip() or "the command that wrote it"
+            where = root if marker.parent == root else f"{root} (only its staging folder {marker.parent} exists)"
+            raise DataError(
+                f"{where} is an incomplete dataset: its writer stopped before the end; complete it with `{command}`"
+            )
+
+
+def build_staged(out: str | Path, build: Callable[[Path], Any], command: str) -> Path:
+    """Run ``build(folder)`` in a staging folder beside ``out`` and move the result into place only when it
+    returns, so a kill leaves no half-written dataset at ``out`` (only the staging folder, whose marker
+    :func:`check_complete` reports with ``command``, and which the next run replaces).
+
+    ``out`` may be missing or empty; an existing dataset at ``out`` has its entries replaced one by one under
+    the incomplete marker.
+    """
+    out = Path(out)
+    staging = out.parent / f".{out.name}.staging"
+    if staging.exists():
+        shutil.rmtree(staging)  # a killed writer's
+    staging.mkdir(parents=True)
+    mark_incomplete(staging, command)
+    built = staging / out.name
+    build(built)
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    if not out.exists():
+        os.replace(built, out)
+    else:
+        marker = mark_incomplete(out, command)
+        for entry in sorted(built.iterdir()):
+            target = out / entry.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            os.replace(entry, target)
+        marker.unlink()
+    shutil.rmtree(staging)
+    return out
+    marker = mark_incomplete(out, command)
+    for entry in sorted(staging.iterdir()):
+        target = out / entry.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(entry, target)
+    staging.rmdir()
+    marker.unlink()
+    return out

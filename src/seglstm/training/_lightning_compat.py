@@ -18,6 +18,7 @@ import torch
 from lightning.fabric.utilities import distributed as fabric_distributed
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loops import _FitLoop, _TrainingEpochLoop
 from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader
 
@@ -43,6 +44,9 @@ PRIVATE_USES: list[tuple[Any, str, tuple[str, ...] | None, str]] = [
     (DDPStrategy, "_process_group_backend", None, "where Lightning keeps the chosen backend"),
     (ModelCheckpoint, "_find_last_checkpoints", ("trainer",),
      "RunCheckpoint roots its folder there before setup, so trainer.fit(ckpt_path='last') finds last.ckpt"),
+    (_TrainingEpochLoop, "_should_check_val_fx", ("data_fetcher",),
+     "whether the step that just ended is followed by a validation (its checkpoint must then resume into it)"),
+    (_FitLoop, "_data_fetcher", None, "the fetcher _should_check_val_fx reads"),
 ]  # fmt: skip
 
 
@@ -142,3 +146,35 @@ def init_process_group(strategy: DDPStrategy, **kwargs: Any) -> None:
     fabric_distributed._init_dist_connection(
         strategy.cluster_environment, strategy._process_group_backend, timeout=strategy._timeout, **kwargs
     )
+
+
+def validation_due(trainer: Any) -> bool:
+    """Whether the fit loop validates right after the training step that just ended (Lightning's decision)."""
+    loop = trainer.fit_loop
+    return bool(loop.epoch_loop._should_check_val_fx(loop._data_fetcher))
+
+
+def val_batches_done(trainer: Any) -> int:
+    """Validation batches the fit loop has completed in this epoch (its progress counter)."""
+    return int(trainer.fit_loop.epoch_loop.val_loop.batch_progress.total.completed)
+
+
+def mark_validation_pending(checkpoint: dict[str, Any], val_done_before: int, mid_validation: bool) -> None:
+    """Rewrite the loop state of a checkpoint taken at step N before (or during) step N's validation so that
+    a resume runs that validation in full.
+
+    Lightning resumes a checkpoint saved at the end of a step past the validation due there, and one saved
+    mid-validation from the batch reached (with the metric accumulators of the batches before it lost). The
+    state written here is the one Lightning calls "restarted mid evaluation" with no batch done, at the end
+    of step N: the resumed run validates first, from the first batch, then trains step N + 1.
+    """
+    fit = checkpoint["loops"]["fit_loop"]
+    if mid_validation:  # the step's own progress as it stood at the end of the step (before `completed`)
+        step = fit["epoch_loop.batch_progress"]
+        for part in ("total", "current"):
+            step[part]["completed"] = step[part]["processed"] - 1
+    val = fit["epoch_loop.val_loop.batch_progress"]
+    val["total"].update(ready=val_done_before + 1, started=val_done_before + 1,
+                        processed=val_done_before, completed=val_done_before)  # fmt: skip
+    val["current"].update(ready=1, started=1, processed=0, completed=0)
+    val["is_last_batch"] = False

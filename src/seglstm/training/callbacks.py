@@ -2,12 +2,16 @@
 
 - :class:`AtomicCheckpointIO`: every checkpoint is written to a temporary file and renamed, so a kill never
   leaves a truncated ``last.ckpt``; each save and removal is recorded in the folder's ``index.json``
-  (global step per file, best score per monitored metric), which ``--auto-resume`` and ``--ckpt_path best``
-  read.
+  (global step and top-k score per file, best file per monitored metric), which ``--auto-resume`` and
+  ``--ckpt_path best`` read.
 - :class:`RunCheckpoint`: ``ModelCheckpoint`` whose files live in ``<default_root_dir>/checkpoints`` (one
   folder per run, like mmseg's ``work_dir``, so ``--ckpt_path last`` finds the previous run's file), named
   ``iter_{step}`` / ``best_mIoU_iter_{step}`` as mmseg names them, optionally saving once more at the end;
-  with ``save_last`` it also refreshes ``last.ckpt`` every ``last_every_minutes`` and on SIGINT/SIGTERM.
+  with ``save_last`` it also refreshes ``last.ckpt`` every ``last_every_minutes`` and on SIGINT/SIGTERM; a
+  monitoring one restores its top-k files from ``index.json`` on resume.
+- :class:`InterruptGuard`: SIGINT/SIGTERM anywhere in ``fit`` end it with ``last.ckpt`` at the point reached
+  and :class:`TrainingInterrupted` (never Lightning's silent exit 0); a checkpoint taken before or during a
+  due validation resumes into that validation.
 - :class:`StepProgressBar`: one bar over all iterations with an ETA (iteration-based training has no
   meaningful epochs).
 - :class:`TestReportWriter` / :class:`SegPredictionWriter`: the files ``seglstm test`` and
@@ -19,8 +23,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +36,13 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelChe
 from lightning.pytorch.utilities import rank_zero_info
 
 from seglstm.data.folder import default_palette
-from seglstm.training._lightning_compat import last_saved_step, save_topk_and_last
+from seglstm.training._lightning_compat import (
+    last_saved_step,
+    mark_validation_pending,
+    save_topk_and_last,
+    val_batches_done,
+    validation_due,
+)
 from seglstm.training.reports import (
     colorize,
     overlay,
@@ -65,22 +73,61 @@ def read_index(folder: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+def _topk_records(name: str, checkpoint: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The top-k entries ``name`` holds in the checkpoint's monitoring callbacks: {state key: monitor, mode,
+    score}. A top-k file is saved after its callback counted it, so its own state names it."""
+    records: dict[str, dict[str, Any]] = {}
+    for key, state in (checkpoint.get("callbacks") or {}).items():
+        if not isinstance(state, dict) or not state.get("monitor"):
+            continue
+        for file, score in (state.get("best_k_models") or {}).items():
+            if Path(str(file)).name == name and score is not None:
+                records[str(key)] = {"monitor": state["monitor"], "mode": state.get("mode", "min"), "score": float(score)}
+    return records
+
+
+def _best_from_records(folder: Path, index: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Best file per monitored metric among the files still on disk whose records carry a top-k score."""
+    best: dict[str, dict[str, Any]] = {}
+    for name, record in sorted(index["checkpoints"].items()):
+        for entry in (record.get("topk") or {}).values():
+            if not (folder / name).is_file():
+                continue
+            monitor, score, mode = entry["monitor"], float(entry["score"]), entry.get("mode", "min")
+            held = best.get(monitor)
+            if held is None or (score > held["score"] if mode == "max" else score < held["score"]):
+                best[monitor] = {"file": name, "score": score}
+    return best
+
+
 def _update_index(path: Path, checkpoint: dict[str, Any] | None) -> None:
-    """Record (or, with ``checkpoint=None``, forget) ``path`` in its folder's index, atomically."""
+    """Record (or, with ``checkpoint=None``, forget) ``path`` in its folder's index, atomically.
+
+    Each file's top-k score is kept with the file, and the best per metric is derived from those records,
+    so a resumed run (whose restored callback state may predate a validation) never forgets a better file
+    still on disk, and a removed file drops out of ``best``."""
     index = read_index(path.parent)
     if checkpoint is None:
         index["checkpoints"].pop(path.name, None)
     else:
-        index["checkpoints"][path.name] = {
+        record: dict[str, Any] = {
             "global_step": int(checkpoint.get("global_step", 0)),
             "epoch": int(checkpoint.get("epoch", 0)),
             "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        for state in (checkpoint.get("callbacks") or {}).values():
-            monitor = state.get("monitor") if isinstance(state, dict) else None
-            best_path, score = state.get("best_model_path") if monitor else None, state.get("best_model_score")
-            if best_path and score is not None:
-                index["best"][monitor] = {"file": Path(best_path).name, "score": float(score)}
+        topk = _topk_records(path.name, checkpoint)
+        if topk:
+            record["topk"] = topk
+        index["checkpoints"][path.name] = record
+    best = {m: e for m, e in index["best"].items() if isinstance(e, dict) and (path.parent / str(e.get("file"))).is_file()}
+    for state in ((checkpoint or {}).get("callbacks") or {}).values():
+        # callbacks that record no mode (a plain ModelCheckpoint): their own view of the best file
+        monitor = state.get("monitor") if isinstance(state, dict) else None
+        best_path, score = state.get("best_model_path") if monitor else None, state.get("best_model_score")
+        if best_path and score is not None and "mode" not in state:
+            best[monitor] = {"file": Path(best_path).name, "score": float(score)}
+    best.update(_best_from_records(path.parent, index))
+    index["best"] = best
     atomic_write_text(path.parent / INDEX_NAME, json.dumps(index, indent=1, sort_keys=True) + "\n")
 
 
@@ -123,17 +170,105 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class TrainingInterrupted(Exception):
     """Training stopped on SIGINT/SIGTERM after writing ``last.ckpt`` (the CLI exits 128 + signal number)."""
 
-    def __init__(self, signal_name: str, step: int, path: str) -> None:
-        super().__init__(
-            f"interrupted by {signal_name} at iteration {step}: wrote {path}; continue with the same command "
-            "and --auto-resume"
+    def __init__(self, signal_name: str, step: int, path: str | None) -> None:
+        wrote = (
+            f"wrote {path}; continue with the same command and --auto-resume"
+            if path
+            else "no last.ckpt written (no checkpoint callback with save_last): this step's progress is lost"
         )
+        super().__init__(f"interrupted by {signal_name} at iteration {step}: {wrote}")
         self.signal_name, self.step, self.path = signal_name, step, path
 
     @property
     def exit_code(self) -> int:
         number = {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM}.get(self.signal_name, signal.SIGTERM)
         return 128 + int(number)
+
+
+def caught_signal(trainer: pl.Trainer) -> str | None:
+    """The stop signal this process received during ``fit`` (``SegTrainer.stop_signal``, or Lightning's own
+    SIGTERM flag for any Trainer), or None."""
+    return getattr(trainer, "stop_signal", None) or ("SIGTERM" if trainer.received_sigterm else None)
+
+
+def write_last(trainer: pl.Trainer) -> str | None:
+    """Save ``last.ckpt`` now through the first checkpoint callback with ``save_last`` (collective under DDP).
+
+    Returns:
+        The path written, or None when no callback keeps a ``last.ckpt``.
+    """
+    keepers = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.save_last]
+    keepers.sort(key=lambda cb: not isinstance(cb, RunCheckpoint))
+    if not keepers or keepers[0].dirpath is None:
+        return None
+    keeper = keepers[0]
+    path = os.path.join(keeper.dirpath, LAST_NAME)
+    # Set first so the saved state names it too: Lightning's next save_last (in this run or a resumed one)
+    # then rewrites this file instead of versioning a new last-v1.ckpt beside it.
+    keeper.last_model_path = path
+    trainer.save_checkpoint(path, weights_only=False)  # the full state, as Lightning's own saves
+    if isinstance(keeper, RunCheckpoint):
+        keeper.mark_saved()
+    return path
+
+
+def stop_if_signalled(trainer: pl.Trainer) -> None:
+    """At a point where the state can be saved: after SIGINT/SIGTERM (on any rank) write ``last.ckpt`` and
+    raise :class:`TrainingInterrupted`. Every rank takes the same decision, since saving is collective."""
+    caught = caught_signal(trainer)
+    if not trainer.strategy.reduce_boolean_decision(caught is not None, all=False):
+        return
+    path = write_last(trainer)
+    raise TrainingInterrupted(caught or "a signal on another rank", trainer.global_step, path)
+
+
+class InterruptGuard(Callback):
+    """Stops ``fit`` after SIGINT/SIGTERM at the next point whose state can be saved, wherever the signal
+    landed: before the first step (at the start of training), inside or between steps (at the end of the
+    step; :class:`RunCheckpoint` with ``save_last`` does it there, after its own periodic save), in a
+    validation (after the batch that runs) or in the sanity check, and during a checkpoint write (after it).
+
+    A checkpoint written at step N before or during step N's validation is marked so that a resume runs that
+    validation in full (Lightning would skip it), so the best score and top-k files of a resumed run match
+    an uninterrupted one. :class:`~seglstm.training.trainer.SegTrainer` always adds this callback.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._val_running = False
+        self._val_done_before = 0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        stop_if_signalled(trainer)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not any(isinstance(cb, RunCheckpoint) and cb.guards_last for cb in trainer.checkpoint_callbacks):
+            stop_if_signalled(trainer)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._val_running = True
+            self._val_done_before = val_batches_done(trainer)
+
+    def on_validation_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:  # fmt: skip
+        if trainer.state.fn == "fit":
+            stop_if_signalled(trainer)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._val_running = False
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if trainer.state.fn != "fit" or trainer.sanity_checking or "loops" not in checkpoint:
+            return
+        if self._val_running:
+            mark_validation_pending(checkpoint, self._val_done_before, mid_validation=True)
+        elif trainer.training and trainer.global_step > 0 and validation_due(trainer):
+            mark_validation_pending(checkpoint, val_batches_done(trainer), mid_validation=False)
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -151,8 +286,9 @@ class RunCheckpoint(ModelCheckpoint):
             kill loses at most that much work whatever ``every_n_train_steps`` is.
         clock: seconds, monotonic (tests pass a fake one); default ``time.monotonic``.
 
-    With ``save_last``, SIGINT (Ctrl-C) or SIGTERM during training also writes ``last.ckpt`` at the end of
-    the running step and then stops with :class:`TrainingInterrupted`; a second Ctrl-C stops at once.
+    With ``save_last``, SIGINT (Ctrl-C) or SIGTERM during a step also writes ``last.ckpt`` at its end (after
+    a periodic save due there) and then stops with :class:`TrainingInterrupted` (see :class:`InterruptGuard`
+    for the other moments). Monitoring callbacks restore their top-k files from ``index.json`` on resume.
     """
 
     def __init__(
@@ -171,8 +307,6 @@ class RunCheckpoint(ModelCheckpoint):
         self.last_every_minutes = last_every_minutes
         self.clock = clock or time.monotonic
         self._last_saved_at = self.clock()
-        self._signal: str | None = None
-        self._previous_sigint: Any = None
 
     @property
     def guards_last(self) -> bool:
@@ -191,51 +325,55 @@ class RunCheckpoint(ModelCheckpoint):
         self._root_dirpath(trainer)
         return super()._find_last_checkpoints(trainer)
 
-    # -- last.ckpt on a timer and on SIGINT / SIGTERM ------------------------------------------------------
+    # -- best and top-k across resumes ---------------------------------------------------------------------
 
-    def _on_sigint(self, signum: int, frame: Any) -> None:
-        self._signal = "SIGINT"
-        print(
-            "\nSIGINT: stopping after this step and writing last.ckpt (Ctrl-C again stops at once, without it)",
-            file=sys.stderr,
-        )
-        # A second Ctrl-C interrupts at once (Python's default handler raises KeyboardInterrupt).
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "mode": self.mode}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Lightning's restore, then the top-k files the folder's index records for this callback and still
+        holds: the checkpoint resumed from may predate a validation whose better file is on disk."""
+        super().load_state_dict(state_dict)
+        if self.monitor is None or self.dirpath is None:
+            return
+        folder = Path(self.dirpath)
+        known = {str(p): s for p, s in self.best_k_models.items() if Path(p).is_file()}
+        for name, record in read_index(folder)["checkpoints"].items():
+            entry = (record.get("topk") or {}).get(self.state_key)
+            if entry is not None and (folder / name).is_file():
+                known[str(folder / name)] = torch.tensor(float(entry["score"]))
+        if not known:
+            return
+        self.best_k_models = known
+        worst, best = (max, min) if self.mode == "min" else (min, max)
+        self.kth_best_model_path = worst(known, key=lambda p: float(known[p]))
+        self.kth_value = known[self.kth_best_model_path]
+        self.best_model_path = best(known, key=lambda p: float(known[p]))
+        self.best_model_score = known[self.best_model_path]
+
+    # -- last.ckpt on a timer and on SIGINT / SIGTERM ------------------------------------------------------
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self._last_saved_at = self.clock()
-        self._signal = None
-        if self.guards_last and threading.current_thread() is threading.main_thread():
-            self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
-
-    def _restore_sigint(self) -> None:
-        if self._previous_sigint is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, self._previous_sigint)
-        self._previous_sigint = None
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self.mark_saved()
+
+    def mark_saved(self) -> None:
+        """Restart the ``last_every_minutes`` timer (a checkpoint was just written)."""
         self._last_saved_at = self.clock()
 
     def _guard_last(self, trainer: pl.Trainer) -> None:
-        """Write ``last.ckpt`` when the timer is due or a signal came; stop after a signal. Every rank takes
-        the same decision, since saving is collective under DDP."""
+        """Write ``last.ckpt`` when the timer is due; after a signal write it and stop. Every rank takes the
+        same decision, since saving is collective under DDP."""
         if not self.guards_last or self.dirpath is None:
             return
-        caught = self._signal or ("SIGTERM" if trainer.received_sigterm else None)
-        stop = bool(trainer.strategy.reduce_boolean_decision(caught is not None, all=False))
+        stop_if_signalled(trainer)
         minutes = self.last_every_minutes
         due = bool(minutes) and self.clock() - self._last_saved_at >= 60.0 * float(minutes)
-        if stop or trainer.strategy.reduce_boolean_decision(due, all=False):
-            path = os.path.join(self.dirpath, LAST_NAME)
-            # Set first so the saved state names it too: Lightning's next save_last (in this run or a resumed
-            # one) then rewrites this file instead of versioning a new last-v1.ckpt beside it.
-            self.last_model_path = path
-            trainer.save_checkpoint(path)
-            self._last_saved_at = self.clock()
-        if stop:
-            self._restore_sigint()
-            raise TrainingInterrupted(caught or "a signal on another rank", trainer.global_step, path)
+        if trainer.strategy.reduce_boolean_decision(due, all=False):
+            write_last(trainer)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -243,10 +381,6 @@ class RunCheckpoint(ModelCheckpoint):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         self._final_step_save(trainer)
         self._guard_last(trainer)
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._restore_sigint()
-        super().on_exception(trainer, pl_module, exception)
 
     def _final_step_save(self, trainer: pl.Trainer) -> None:
         # The final step is saved here, with the loop state of any periodic save, rather than in
@@ -257,7 +391,6 @@ class RunCheckpoint(ModelCheckpoint):
             save_topk_and_last(self, trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._restore_sigint()
         # Training stopped for another reason (max_epochs, max_time, early stopping): save what there is.
         if self.save_on_train_end and last_saved_step(self) != trainer.global_step:
             save_topk_and_last(self, trainer)

@@ -6,6 +6,11 @@
   :class:`NonFiniteLossError` before anything else is saved, so the last good checkpoint stays the latest.
 - :func:`probe_run_dirs`: before the first step, every folder the run will write to must accept a file and
   have room for one more checkpoint, or :class:`RunDirectoryError` says which folder and why.
+- :class:`RunLock`: one writer per run folder, an OS file lock (``flock``) on ``<run folder>/.seglstm.lock``
+  held for the whole ``fit``; the kernel drops it when the process ends in any way (SIGKILL included), so a
+  dead run's lock file is simply taken over. A second ``fit`` into the folder fails naming the holder.
+- :func:`remove_partial_files`: ``*.part`` files a killed writer left in the run folder, removed by the
+  next run that holds the lock.
 - :func:`ddp_strategy`: DDP with a finite process-group timeout, so when one rank dies the others fail with
   an error instead of waiting forever, and whose process group survives torchrun's elastic restarts
   (:class:`ElasticDDPStrategy`).
@@ -13,8 +18,11 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import socket
+import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -38,6 +46,89 @@ class NonFiniteLossError(RuntimeError):
 
 class RunDirectoryError(RuntimeError):
     """A folder the run writes to is not writable or too full for the next checkpoint."""
+
+
+class RunLockedError(RunDirectoryError):
+    """Another live process holds the run folder's lock."""
+
+
+LOCK_NAME = ".seglstm.lock"
+_NO_LOCKING = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+
+
+def is_rank_zero_process() -> bool:
+    """Whether this process is (or will be) global rank 0, from the launcher's environment (torchrun's RANK,
+    SLURM's SLURM_PROCID, Lightning's own LOCAL_RANK/NODE_RANK); a plain process is rank 0."""
+    for key in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(key, "").strip().isdigit():
+            return int(os.environ[key]) == 0
+    return int(os.environ.get("LOCAL_RANK", "0") or 0) == 0 and int(os.environ.get("NODE_RANK", "0") or 0) == 0
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``<folder>/.seglstm.lock``, with the holder's PID and host written in it.
+
+    ``flock`` locks belong to the open file and vanish with the process, however it ends, so a lock file left
+    by a dead run never blocks the next one. On a filesystem without ``flock`` (some NFS mounts) the run goes
+    on with a warning instead of a lock.
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.path = Path(folder) / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise :class:`RunLockedError` naming the holder."""
+        import fcntl
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise RunDirectoryError(
+                f"cannot write to {self.path.parent} ({err.strerror or err}): fix its permissions or choose "
+                "another trainer.default_root_dir before training starts"
+            ) from err
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise RunLockedError(
+                f"run folder {self.path.parent} is in use by {holder} (lock {self.path}): wait for that run to "
+                "end, or stop it, before starting or resuming this one here"
+            ) from None
+        except OSError as err:
+            os.close(fd)
+            if err.errno not in _NO_LOCKING:
+                raise
+            print(
+                f"seglstm: warning: the filesystem of {self.path.parent} does not support file locks "
+                f"({err.strerror}): make sure no other run writes to this folder",
+                file=sys.stderr,
+            )
+            return
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"PID {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Drop the lock (the file stays; its content names the last holder)."""
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+
+def remove_partial_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete the ``.*.part`` temporary files (see :func:`seglstm.utils.io.atomic_path`) under ``folder``:
+    only a killed writer leaves them, and the caller holds the folder's lock, so none is being written."""
+    root = Path(folder)
+    removed = []
+    for part in sorted(root.rglob(".*.part")) if root.is_dir() else []:
+        if part.is_file():
+            part.unlink()
+            removed.append(part)
+    return removed
 
 
 class NonFiniteGuard(Callback):

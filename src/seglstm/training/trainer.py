@@ -17,12 +17,20 @@ What it adds over ``lightning.pytorch.Trainer`` (every other argument is passed 
 - faults (:mod:`seglstm.training.faults`): NaN/Inf steps are skipped and counted, and the run stops after
   ``max_nonfinite_steps`` in a row; ``fit`` probes every output folder before the first step; DDP gets a
   ``ddp_timeout`` so a dead rank makes the others fail instead of hang.
+- signals and concurrency: ``fit`` holds an OS lock on its run folder (one writer per folder; DDP ranks
+  share rank 0's), removes ``*.part`` files a killed writer left there, and turns SIGINT/SIGTERM anywhere in
+  ``fit`` into ``last.ckpt`` at the point reached plus :class:`TrainingInterrupted` (exit 130/143 from the
+  CLI) instead of Lightning's silent stop with exit 0.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import signal
+import sys
+import threading
 from collections.abc import Iterable
 from typing import Any, Literal
 
@@ -31,12 +39,37 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from seglstm.training.callbacks import AtomicCheckpointIO, StepProgressBar
-from seglstm.training.faults import NonFiniteGuard, ddp_strategy, probe_run_dirs
+from seglstm.training.callbacks import (
+    AtomicCheckpointIO,
+    InterruptGuard,
+    StepProgressBar,
+    TrainingInterrupted,
+    write_last,
+)
+from seglstm.training.faults import (
+    NonFiniteGuard,
+    RunLock,
+    ddp_strategy,
+    is_rank_zero_process,
+    probe_run_dirs,
+    remove_partial_files,
+)
 from seglstm.utils.device import resolve_precision, wants_cuda
 
 __all__ = ["SegTrainer", "default_loggers", "resolve_precision"]
+
+
+class _WeightsOnlyNotice(logging.Filter):
+    """Drops Lightning's "`weights_only` was not set, defaulting to `False`." line, which it logs at every
+    checkpoint save (it means: a full training checkpoint, with optimizer and loop state, as intended)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`weights_only` was not set" not in record.getMessage()
+
+
+logging.getLogger("lightning.pytorch.trainer.connectors.checkpoint_connector").addFilter(_WeightsOnlyNotice())
 
 
 def _device_count(devices: Any) -> int:
@@ -125,11 +158,14 @@ class SegTrainer(Trainer):
             callbacks.append(StepProgressBar())
         if not any(isinstance(c, NonFiniteGuard) for c in callbacks):
             callbacks.append(NonFiniteGuard(max_nonfinite_steps))
+        if not any(isinstance(c, InterruptGuard) for c in callbacks):
+            callbacks.append(InterruptGuard())
         plugin_list = (
             [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         )
         if not any(isinstance(p, CheckpointIO) for p in plugin_list):
             plugin_list.append(AtomicCheckpointIO(unsafe_load=unsafe_load))
+        self.stop_signal: str | None = None
         super().__init__(
             *args,
             precision=precision,
@@ -141,6 +177,58 @@ class SegTrainer(Trainer):
         )
 
     def fit(self, model: Any, *args: Any, **kwargs: Any) -> None:
-        """``Trainer.fit`` after checking every output folder takes a file and has room for a checkpoint."""
-        probe_run_dirs(self, model)
-        super().fit(model, *args, **kwargs)
+        """``Trainer.fit`` holding the run folder's lock, after removing partial files a killed writer left
+        and checking every output folder takes a file and has room for a checkpoint.
+
+        Raises:
+            RunLockedError: another live process trains in this run folder.
+            TrainingInterrupted: SIGINT/SIGTERM arrived (``last.ckpt`` was written at the point reached).
+        """
+        lock = RunLock(self.default_root_dir) if is_rank_zero_process() else None
+        if lock is not None:
+            lock.acquire()
+        previous = self._catch_stop_signals()
+        try:
+            if lock is not None:
+                removed = remove_partial_files(self.default_root_dir)
+                if removed:
+                    print(f"seglstm: removed {len(removed)} partial file(s) a killed run left in "
+                          f"{self.default_root_dir}: {', '.join(p.name for p in removed[:3])}", file=sys.stderr)  # fmt: skip
+            probe_run_dirs(self, model)
+            super().fit(model, *args, **kwargs)
+        except SIGTERMException:
+            # Lightning's loops stop on SIGTERM by raising SystemExit() (exit status 0) at points InterruptGuard
+            # did not reach first (a DDP peer's broadcast): save what there is and report the signal.
+            raise TrainingInterrupted(self.stop_signal or "SIGTERM", self.global_step, self._last_or_none()) from None
+        finally:
+            self._restore_stop_signals(previous)
+            if lock is not None:
+                lock.release()
+        if self.stop_signal is not None and self.state.status != "finished":
+            raise TrainingInterrupted(self.stop_signal, self.global_step, None)
+
+    def _last_or_none(self) -> str | None:
+        try:
+            return write_last(self)
+        except Exception:  # the state may not be saveable here; the signal is what must be reported
+            return None
+
+    def _on_stop_signal(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.stop_signal is None:
+            self.stop_signal = name
+            print(f"\n{name}: stopping at the next safe point and writing last.ckpt"
+                  + (" (Ctrl-C again stops at once, without it)" if signum == signal.SIGINT else ""), file=sys.stderr)  # fmt: skip
+        if signum == signal.SIGINT:  # a second Ctrl-C interrupts at once
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def _catch_stop_signals(self) -> dict[int, Any]:
+        self.stop_signal = None
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        return {sig: signal.signal(sig, self._on_stop_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    @staticmethod
+    def _restore_stop_signals(previous: dict[int, Any]) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)

@@ -152,11 +152,17 @@ def torch_load(path: str | os.PathLike, unsafe: bool = False, map_location: Any 
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist or is not a file")
     verify_checkpoint_crcs(path)
+    if path.stat().st_size >= 4 and not _looks_like_torch_file(path):
+        raise CorruptCheckpointError(f"{path} is not a torch checkpoint (neither a zip archive nor a pickle){_hint(path)}")
     if unsafe:
         warnings.warn(
             f"loading {path} with full unpickling (--unsafe-load): it can run arbitrary code", stacklevel=2
         )
-        return torch.load(path, map_location=map_location, weights_only=False)
+        try:
+            return torch.load(path, map_location=map_location, weights_only=False)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError,
+                ImportError, TypeError, IndexError) as err:  # fmt: skip
+            raise CorruptCheckpointError(_corrupt_message(path, err)) from err
     try:
         with torch.serialization.safe_globals(checkpoint_safe_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
@@ -176,6 +182,28 @@ def torch_load(path: str | os.PathLike, unsafe: bool = False, map_location: Any 
         ) from err
     except (RuntimeError, EOFError, OSError, ValueError, KeyError) as err:
         raise CorruptCheckpointError(_corrupt_message(path, err)) from err
+
+
+def blocking_file(path: str | os.PathLike) -> Path | None:
+    """The regular file among ``path``'s parents that stops it from being created (``out/x`` where ``out``
+    is a file), or None."""
+    return next((p for p in Path(path).parents if p.exists() and not p.is_dir()), None)
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    """A zip archive (torch >= 1.6) or a pickle stream (the legacy format starts with the PROTO opcode)."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    return head[:2] == b"PK" or head[:1] == b"\x80"
+
+
+def _hint(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        return ": it is an ONNX model; `seglstm predict-scene` takes it with --onnx"
+    if suffix in (".yaml", ".yml", ".json"):
+        return ": it is a config file; pass it with --config and the checkpoint with --ckpt"
+    return ""
 
 
 def _corrupt_message(path: Path, err: BaseException) -> str:

@@ -393,6 +393,8 @@ class ScenePredictor:
         for what, path in targets:
             if path.resolve() == in_resolved:
                 raise SceneError(f"{what} {path} would overwrite the input")
+            if what in ("output", "probabilities") and path.suffix.lower() not in (".tif", ".tiff"):
+                raise SceneError(f"{what} {path}: predict-scene writes a GeoTIFF there; name it .tif (or .tiff)")
             _check_writable(path, what)
         if len({p.resolve() for _, p in targets}) != len(targets):
             raise SceneError(f"output paths must differ: {[str(p) for _, p in targets]}")

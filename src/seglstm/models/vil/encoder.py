@@ -74,6 +74,10 @@ class VisionLSTM(nn.Module):
     ) -> None:
         super().__init__()
         img_size = to_2tuple(img_size)
+        for name, value in (("patch_size", patch_size), ("embed_dim", embed_dim), ("in_chans", in_chans),
+                            ("num_heads", num_heads)):  # fmt: skip
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"ViL encoder: {name} must be a positive integer, got {value!r}")
         if any(s % patch_size for s in img_size):
             raise ValueError(f"img_size {img_size} must be a multiple of patch_size {patch_size}")
         if not depths or any(int(d) < 1 for d in depths):
