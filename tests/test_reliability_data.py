@@ -98,3 +98,33 @@ def test_synth_killed_by_sigkill_leaves_no_dataset(tmp_path):
     assert not out.exists()
     with pytest.raises(DataError, match=r"complete it with `seglstm synth --out .*big --train 400"):
         check_complete(out)
+
+
+def test_killed_synth_scenes_is_refused_by_check_data_and_fit_naming_the_command(tmp_path, capsys, monkeypatch):
+    """``synth --scenes`` builds in a staging folder too; a config naming the missing scenes.yaml is refused
+    with the command that completes it, and rerunning that command gives a complete folder."""
+    import seglstm.data.synthetic_scenes as synthetic_scenes
+
+    real = synthetic_scenes.write_synthetic_scenes
+
+    def half(folder, *args, **kwargs):
+        Path(folder).mkdir(parents=True)
+        (Path(folder) / "scene1.tif").write_bytes(b"half")
+        raise SimulatedKill("killed while writing")
+
+    out = tmp_path / "scenes"
+    argv = ["synth", "--scenes", str(out), "--n-scenes", "1", "--size", "128", "--quiet"]
+    monkeypatch.setattr(synthetic_scenes, "write_synthetic_scenes", half)
+    with pytest.raises(SimulatedKill):
+        seglstm(argv)
+    assert not out.exists()
+    config = tmp_path / "scenes_config.yaml"
+    config.write_text(f"data:\n  dataset: scenes\n  scenes: {out / 'scenes.yaml'}\n  test_scale: null\n")
+    assert seglstm(["check-data", str(config), "--quiet"]) == 1
+    assert f"complete it with `seglstm {' '.join(argv)}`" in capsys.readouterr().err
+    assert seglstm(["fit", "--config", str(config)]) != 0
+    err = capsys.readouterr().err
+    assert "data.scenes:" in err and "incomplete dataset" in err and " ".join(argv) in err
+    monkeypatch.setattr(synthetic_scenes, "write_synthetic_scenes", real)
+    assert seglstm(argv) == 0
+    assert (out / "scenes.yaml").is_file() and not list(tmp_path.glob(".scenes.*"))
