@@ -187,7 +187,7 @@ def _products_looped(q, k, v1, w, sigma, decay, dmat, buffers: CellBuffers) -> t
 
     Runs bmm calls (per head, or one for all, see ``_gemm_batches``) on strided chunk views of the
     feature-major inputs (torch.matmul would copy the non-mergeable (B, NH, NC) batch) into contiguous
-    chunk-major scratch buffers: with a contiguous result PyTorch hands the whole batch to one MKL batched
+    chunk-major buffers: with a contiguous result PyTorch hands the whole batch to one MKL batched
     GEMM, with a strided one it loops over single-matrix GEMMs, each a separate (and, under load, slow)
     thread synchronisation. Measured faster on the CPU than ``_products_batched``; on CUDA the Python loop
     over (batch, head) would be thousands of tiny kernel launches, so CUDA never takes this path.
