@@ -6,7 +6,7 @@
 - the hand-written backward of the chunk products vs autograd through a direct loop over chunks;
 - the fused ViL layer (feature-major, folded gate weights, q folded into k, norm absorbing the divisor)
   vs the layer's own reference forward (``ViLLayer.reference_forward``), outputs and all gradients;
-- the inference path (scratch buffers, in-place ops) vs the autograd path.
+- the inference path (layer buffers, in-place ops) vs the autograd path.
 """
 
 import collections
