@@ -87,6 +87,21 @@ def test_encoder_pass_allocates_one_set_of_buffers_and_results_survive_the_next_
         torch.testing.assert_close(t, k, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("wrong", [{"length": 4, "chunks": 4}, {"d": 8}, {"like": torch.empty(0, dtype=torch.float64)}])
+def test_cell_buffers_of_another_shape_or_dtype_raise(wrong):
+    gen = torch.Generator().manual_seed(1)
+    q, k = torch.randn(2, 1, 2, 4, 16, generator=gen)
+    v1 = torch.randn(1, 2, 5, 16, generator=gen)
+    i, f = torch.randn(2, 1, 2, 16, generator=gen)
+    args = {"batch": 1, "heads": 2, "d": 4, "dv1": 5, "chunks": 2, "length": 8, "like": q}
+    with torch.no_grad():
+        right = chunkwise_feature_major(q, k, v1, i, f, chunk_size=8, buffers=CellBuffers.allocate(**args))
+        fresh = chunkwise_feature_major(q, k, v1, i, f, chunk_size=8)
+        torch.testing.assert_close(right[0], fresh[0])
+        with pytest.raises(ValueError, match=r"cell buffer \w+ is .* the call needs"):
+            chunkwise_feature_major(q, k, v1, i, f, chunk_size=8, buffers=CellBuffers.allocate(**{**args, **wrong}))
+
+
 def test_buffers_and_in_place_residuals_refuse_autograd():
     q = torch.randn(1, 2, 4, 16, requires_grad=True)
     v1 = torch.randn(1, 2, 5, 16)

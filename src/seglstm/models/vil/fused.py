@@ -39,12 +39,18 @@ def fused_forward(layer: ViLLayer, x: torch.Tensor, amp: torch.dtype | None) -> 
     chunk = chunk_length(seq, layer.chunk_size) if native else 0
     if not _cpu_inference(x):
         return _oriented(layer, x, amp, chunk, None)
-    act = amp if amp is not None else x.dtype
-    nh = layer.mlstm_cell.num_heads
     g = Geometry(
-        x.shape[0], seq, seq + (-seq) % chunk if chunk else seq, x.shape[2], layer.learnable_skip.shape[0], nh,
-        chunk, x.dtype, act, x.device,
-    )  # fmt: skip
+        batch=x.shape[0],
+        tokens=seq,
+        seq=seq + (-seq) % chunk if chunk else seq,
+        dim=x.shape[2],
+        inner=layer.learnable_skip.shape[0],
+        heads=layer.mlstm_cell.num_heads,
+        chunk=chunk,
+        dtype=x.dtype,
+        act=amp if amp is not None else x.dtype,
+        device=x.device,
+    )
     with layer_buffers(g).claim(g) as buf:
         return _oriented(layer, x, amp, chunk, buf)
 

@@ -153,6 +153,8 @@ def chunkwise_feature_major(
         raise ValueError("chunkwise_feature_major: buffers are for inference, but autograd is recording")
     if not grad and q.is_cpu and buffers is None:
         buffers = CellBuffers.allocate(bsz, nh, q.shape[2], v1.shape[2], nc, L, q)
+    elif buffers is not None:
+        buffers.check(bsz, nh, q.shape[2], v1.shape[2], nc, L, q)
 
     st = _stabilisers(F.logsigmoid(f.reshape(bsz, nh, nc, L)), i.reshape(bsz, nh, nc, L))
     cum, m_prev = st["cum"], st["m_prev"].unsqueeze(-1)

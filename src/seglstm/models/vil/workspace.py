@@ -54,22 +54,34 @@ class CellBuffers:
     states: torch.Tensor  # (B, NH, NC, Dv1, D) each chunk's state, then the states entering the chunks
     out: torch.Tensor  # (B, NH, NC, Dv1, L) numerator rows and the denominator row
 
+    @staticmethod
+    def shapes(batch: int, heads: int, d: int, dv1: int, chunks: int, length: int) -> dict[str, tuple[int, ...]]:
+        """Each field's shape."""
+        seq = chunks * length
+        return dict(
+            log_d=(batch, heads, chunks, length, length),
+            qk=(batch, heads, chunks, length, length),
+            kg=(batch, heads, d, seq),
+            qs=(batch, heads, d, seq),
+            states=(batch, heads, chunks, dv1, d),
+            out=(batch, heads, chunks, dv1, length),
+        )
+
     @classmethod
     def allocate(
         cls, batch: int, heads: int, d: int, dv1: int, chunks: int, length: int, like: torch.Tensor
     ) -> CellBuffers:
-        def new(*shape: int) -> torch.Tensor:
-            return like.new_empty(shape)
+        return cls(**{k: like.new_empty(v) for k, v in cls.shapes(batch, heads, d, dv1, chunks, length).items()})
 
-        seq = chunks * length
-        return cls(
-            log_d=new(batch, heads, chunks, length, length),
-            qk=new(batch, heads, chunks, length, length),
-            kg=new(batch, heads, d, seq),
-            qs=new(batch, heads, d, seq),
-            states=new(batch, heads, chunks, dv1, d),
-            out=new(batch, heads, chunks, dv1, length),
-        )
+    def check(self, batch: int, heads: int, d: int, dv1: int, chunks: int, length: int, like: torch.Tensor) -> None:
+        """Raise unless every field has the shape, dtype and device a call on operands like ``like`` needs."""
+        for name, shape in self.shapes(batch, heads, d, dv1, chunks, length).items():
+            t = getattr(self, name)
+            if t.shape != shape or t.dtype != like.dtype or t.device != like.device:
+                raise ValueError(
+                    f"cell buffer {name} is {tuple(t.shape)} {t.dtype} on {t.device}, the call needs {shape} "
+                    f"{like.dtype} on {like.device}: allocate the buffers for this call's shapes"
+                )
 
 
 @dataclasses.dataclass
