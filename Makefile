@@ -4,11 +4,15 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.seglstm-installed
 QUICK ?=
 
-.PHONY: setup test test-slow test-all demo lint clean
+CONSTRAINTS := constraints.txt
 
-$(STAMP): pyproject.toml
+.PHONY: setup test test-slow test-all demo lint clean constraints
+
+# Every extra, at the exact versions of constraints.txt, so both commands are reproducible and the suite
+# covers the optional features too.
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e '.[dev,all]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -30,5 +34,14 @@ demo: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
+# Re-lock constraints.txt: the newest releases within pyproject.toml's ranges, resolved in a fresh venv (the
+# header comment is kept); then run `make test` against it and commit both.
+constraints:
+	rm -rf $(VENV)-lock && python3 -m venv $(VENV)-lock
+	$(VENV)-lock/bin/python -m pip install -q '.[dev,all]'
+	{ grep '^#' $(CONSTRAINTS); $(VENV)-lock/bin/python -m pip freeze --all --exclude seglstm --exclude pip \
+	  | sort -f; } > $(CONSTRAINTS).tmp && mv $(CONSTRAINTS).tmp $(CONSTRAINTS)
+	rm -rf $(VENV)-lock
+
 clean:
-	rm -rf runs build *.egg-info src/*.egg-info
+	rm -rf runs build *.egg-info src/*.egg-info $(VENV)-lock

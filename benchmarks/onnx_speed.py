@@ -35,6 +35,7 @@ from _common import print_table, write_json
 from precision_accuracy import export_onnx, onnx_int8, reference_path, torchao_int8
 
 from seglstm.study.measure import machine_info, time_call
+from seglstm.utils.optional import require
 
 RESULTS = Path(__file__).resolve().parent / "results" / "onnx_speed.json"
 DEMO = dict(depths=[1, 1, 1, 1], patch_size=8, img_size=64, mlstm_backend="chunkwise", channels=64,
@@ -55,7 +56,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
 
-    import onnxruntime as ort
+    ort = require("onnxruntime", "the onnx rows")
 
     import seglstm
     from seglstm.inference.scene.onnx import OnnxSegmentor
@@ -107,7 +108,7 @@ def main(argv: list[str]) -> int:
                     fn = torch.inference_mode()(lambda reference=reference: reference(x))
                     note = "ViL reference path"
                 elif row == "pytorch-int8-torchao":
-                    import torchao
+                    torchao = require("torchao", "the pytorch-int8-torchao row")
 
                     quantised = torchao_int8(model)
                     fn = torch.inference_mode()(lambda quantised=quantised: quantised(x))

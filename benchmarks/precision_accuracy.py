@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, write_json
 
 from seglstm.study.measure import machine_info
+from seglstm.utils.optional import require
 
 RESULTS = Path(__file__).resolve().parent / "results" / "precision_accuracy.json"
 VARIANTS = ("fp32", "bf16", "int8-torchao", "onnx-fp32", "int8-onnx", "int8-onnx-ref")
@@ -161,6 +162,7 @@ def torchao_int8(model: nn.Module, names: Sequence[str] = PROJECTIONS) -> nn.Mod
     ``*.<name>`` (default: the ViL layers' up and down projections, most of the encoder's GEMM work) hold
     int8 weights and quantise their input per token at run time (torchao's
     ``Int8DynamicActivationInt8WeightConfig``); an empty ``names`` takes every Linear."""
+    require("torchao", "the int8-torchao rows")
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
     def chosen(module: nn.Module, fqn: str) -> bool:
@@ -183,6 +185,7 @@ def export_onnx(model: nn.Module, meta: dict[str, Any], path: Path, tile: int, b
 def onnx_int8(src: Path, out: Path, per_channel: bool = False) -> Path:
     """``quantize_dynamic`` of an exported file: int8 weights of the MatMul / Gemm ops by a constant weight,
     their other input quantised at run time (uint8, onnxruntime's default for dynamic quantisation)."""
+    require("onnxruntime", "the int8-onnx rows")
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(src, out, op_types_to_quantize=["MatMul", "Gemm"], per_channel=per_channel,
@@ -247,11 +250,11 @@ def measure(task: Any, batches: Sequence[dict[str, Any]], variants: Sequence[str
                 autocast = torch.bfloat16
                 note = "native bf16 (AVX512-BF16/AMX)" if cpu_has_native_bf16() else "EMULATED: no native bf16"
             elif variant == "int8-torchao":
-                import torchao
+                torchao = require("torchao", "the int8-torchao row")
 
                 forward, note = torchao_int8(task.model), f"torchao {torchao.__version__}, reference path"
             else:
-                import onnxruntime as ort
+                ort = require("onnxruntime", "the ONNX rows")
 
                 from seglstm.inference.scene.onnx import OnnxSegmentor
 

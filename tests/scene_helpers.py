@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +17,11 @@ CRS = "EPSG:32633"
 TRANSFORM = Affine(0.5, 0.0, 500_000.0, 0.0, -0.5, 4_200_000.0)
 
 
-def write_tif(path: Path, data: np.ndarray, *, crs=CRS, nodata=None, mask=None) -> Path:
+def write_tif(path: Path, data: np.ndarray, *, crs=CRS, nodata=None, mask=None, transform=TRANSFORM) -> Path:
     count, height, width = data.shape
     profile = dict(driver="GTiff", height=height, width=width, count=count, dtype=data.dtype.name)
     # MINISBLACK: GDAL would otherwise declare the 4th of 4 byte bands an alpha band, i.e. a mask
-    profile.update(transform=TRANSFORM, nodata=nodata, tiled=True, blockxsize=128, blockysize=128,
+    profile.update(transform=transform, nodata=nodata, tiled=True, blockxsize=128, blockysize=128,
                    photometric="MINISBLACK")
     with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(path, "w", crs=crs, **profile) as dst:
         dst.write(data)
@@ -108,3 +109,20 @@ def run(model, src, out, mean, std, k, classes=None, **kw):
     kw.setdefault("precision", "fp32")
     return predict_scene(model, src, out, mean=mean, std=std, classes=classes or [f"c{i}" for i in range(k)],
                          palette=palette(k), progress=False, **kw)
+
+
+def rule_segmentor(hang_at_call: int | None = None, marker: Path | None = None):
+    """What a fake ``load_segmentor`` returns for the CLI tests: the 4-class :class:`RuleModel` on 3 bands and
+    its metadata. With ``hang_at_call`` the model writes ``marker`` and sleeps at that forward call, so that
+    a test can kill the process in the middle of a scene."""
+
+    class Hanging(RuleModel):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if hang_at_call is not None and self.calls + 1 == hang_at_call:
+                marker.write_text(str(self.calls))
+                time.sleep(600)
+            return super().forward(x)
+
+    meta = dict(classes=["a", "b", "c", "d"], palette=palette(4), mean=MEAN3, std=STD3, num_classes=4,
+                test_cfg={"mode": "whole"})
+    return Hanging(U3, MEAN3, STD3, T4), meta

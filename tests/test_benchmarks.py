@@ -4,6 +4,7 @@ of each through its own command line."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -122,7 +123,7 @@ def test_gpu_check_cpu_dry_run(tmp_path):
     rows = [json.loads(ln) for ln in (out / "results.jsonl").read_text().splitlines() if ln.strip()]
     stages = {r["stage"] for r in rows}
     assert stages >= {"env", "cell", "triton", "amp", "enc_vil_s", "enc_vit_s", "enc_swin_t", "train_seglstm",
-                      "train_vit", "train_swin", "synth", "fit"}  # fmt: skip
+                      "train_vit", "train_swin", "scene", "synth", "fit"}  # fmt: skip
     assert not [r for r in rows if r["status"] == "FAIL"], [r for r in rows if r["status"] == "FAIL"]
     checks = {(r["stage"], r["check"]): r["status"] for r in rows}
     # The correctness stages pass on any machine; speed stages may run out of their time on a loaded CPU.
@@ -131,6 +132,24 @@ def test_gpu_check_cpu_dry_run(tmp_path):
     assert {s for (stage, c), s in checks.items() if stage == "amp" and "exit" not in c} == {"PASS"}
     assert checks[("fit", "seglstm fit 6 steps")] == "PASS"
     assert "seglstm GPU check:" in proc.stdout and (out / "summary.txt").read_text() in proc.stdout + "\n"
+
+
+@pytest.mark.slow  # builds seglstm_upernet_s and segments a small scene on the CPU (about a minute)
+def test_gpu_check_scene_stage_reports_throughput_and_busy_share_on_the_cpu(tmp_path):
+    """The predict-scene stage of gpu_check.py alone, in its CPU dry-run form (tiny scene and tile)."""
+    results = tmp_path / "results.jsonl"
+    env = {**os.environ, "GC_RESULTS": str(results), "GC_DEVICE": "cpu", "GC_TINY": "1", "GC_STAGE": "scene",
+           "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": os.pathsep.join([str(BENCH.parent / "src"),
+                                                                      os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--stage", "scene"], env=env,
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (row,) = [json.loads(ln) for ln in results.read_text().splitlines() if ln.strip()]
+    assert row["check"] == "predict-scene 256x256 vil_s fp32 tile 128" and row["status"] == "PASS", row
+    data = row["data"]
+    assert 0 < data["busy_s"] < data["wall_s"]  # the forwards are part of the run, not all of it
+    assert "Mpx/s" in row["value"] and f"{data['busy_s'] / data['wall_s']:.0%}" in row["value"]
+    assert data["profile"]["forward"] > 0 and data["profile"]["reader"] > 0
 
 
 @pytest.mark.slow  # two mamba_upernet training steps at 256x256 on the CPU (minutes)

@@ -248,3 +248,15 @@ def test_lightning_sets_the_epoch_of_the_train_sampler(synthetic: Path) -> None:
     ds = small(synthetic, seed=2).build_split("train", train=True)
     index = [str(f[0]) for f in ds.files].index(next(iter(second)))
     assert torch.equal(ds[(1, index)]["image"], second[next(iter(second))])
+
+
+def test_check_data_takes_data_overrides(tmp_path: Path, synthetic: Path, capsys: pytest.CaptureFixture) -> None:
+    """``--data.KEY VALUE`` replaces one data setting, as for ``seglstm fit``; other flags are refused."""
+    config = write_config(tmp_path / "missing_root.yaml", tmp_path / "missing")
+    assert check_data_cli([str(config), "--data.root", str(synthetic), "--quiet", "--split", "val"]) == 0
+    assert "LoveDA val: 3/3" in capsys.readouterr().out
+    assert check_data_cli([str(config), f"--data.root={synthetic}", "--data.val_batch_size", "0", "--quiet"]) == 1
+    assert "val_batch_size must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        check_data_cli([str(config), "--model.lr", "1"])
+    assert "only --data.KEY VALUE overrides" in capsys.readouterr().err

@@ -128,7 +128,7 @@ def test_build_dataset_registry(tmp_path: Path, rng: np.random.Generator) -> Non
     assert isinstance(build_dataset("potsdam", tmp_path, "train"), Potsdam)
     assert isinstance(build_dataset("Vaihingen", tmp_path, "train"), Vaihingen)
     with pytest.raises(
-        ValueError, match=r"dataset='isaid' is not one of \['folder', 'loveda', 'potsdam', 'vaihingen'\]"
+        ValueError, match=r"dataset='isaid' is not one of \['folder', 'loveda', 'potsdam', 'scenes', 'vaihingen'\]"
     ):
         build_dataset("isaid", tmp_path, "train")
 

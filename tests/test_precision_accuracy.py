@@ -130,7 +130,7 @@ def test_reference_path_copy_computes_the_fused_path_function(task, batches, one
 
 
 def test_torchao_int8_row_quantises_the_projections(task, batches, tmp_path, one_thread):
-    pytest.importorskip("torchao", reason="torchao is the optional int8 backend (pip install torchao)")
+    pytest.importorskip("torchao", reason="torchao is the optional int8 backend (pip install 'seglstm[bench]')")
     quantised = pa.torchao_int8(task.model)
     kinds = {name.rsplit(".", 1)[-1]: type(m.weight).__name__ for name, m in quantised.named_modules()
              if isinstance(m, torch.nn.Linear)}
@@ -148,7 +148,7 @@ def test_onnx_rows_and_the_speed_script_on_a_tiny_model(task, batches, tiny_love
 
     import onnx_speed
 
-    pytest.importorskip("torchao", reason="torchao is the optional int8 backend (pip install torchao)")
+    pytest.importorskip("torchao", reason="torchao is the optional int8 backend (pip install 'seglstm[bench]')")
     dm = SegDataModule(dataset="loveda", root=str(tiny_loveda))
     # what a checkpoint of a fit on this data records (the ONNX file carries it)
     monkeypatch.setattr(task, "meta", {"classes": list(dm.classes), "num_classes": K, "mean": list(dm.mean),

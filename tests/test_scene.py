@@ -25,6 +25,7 @@ from seglstm.inference.scene import (
     window_weight,
 )
 from seglstm.inference.scene import predictor as predictor_module
+from seglstm.inference.scene.plan import WEIGHT_FLOOR
 from tests.scene_helpers import (
     CRS,
     MEAN3,
@@ -130,7 +131,8 @@ def test_rule_model_gives_the_rule_everywhere_with_nodata_and_georeference(tmp_p
         prob, prob_mask = ds.read(), ds.read_masks(1)
     np.testing.assert_array_equal(prob_mask, np.where(invalid, 0, 255))
     assert (prob[:, invalid] == 0).all() and (prob[:, ~invalid].argmax(0) == expected[~invalid]).all()
-    assert sorted(p.name for p in out.parent.iterdir()) == ["classes.tif", "probs.tif"]  # no temp left
+    # no temp left; the sidecar names the categories
+    assert sorted(p.name for p in out.parent.iterdir()) == ["classes.tif", "classes.tif.aux.xml", "probs.tif"]
 
 
 @pytest.mark.parametrize(
@@ -203,7 +205,7 @@ def test_constant_logits_reproduce_themselves_through_the_blend(tmp_path, rng):
 
 
 def test_blend_equals_a_full_scene_float64_reference(tmp_path, rng):
-    h, w, tile, overlap, floor = 300, 457, 128, 32, 0.1
+    h, w, tile, overlap, floor = 300, 457, 128, 32, WEIGHT_FLOOR
     raw = rng.integers(0, 256, (3, h, w), dtype=np.uint8)
     raw[:, :, 200:] //= 3  # make window means differ a lot across the scene
     src = write_tif(tmp_path / "in.tif", raw)
@@ -337,7 +339,8 @@ def test_interrupt_leaves_no_output_and_resume_is_byte_identical(tmp_path, rng, 
     assert final.read_bytes() == (tmp_path / "ref" / "classes.tif").read_bytes()
     for key, path in got.items():
         assert path.read_bytes() == ref[key].read_bytes(), key
-    assert sorted(p.name for p in final.parent.iterdir()) == ["classes.tif", "preview.png", "probs.tif"]
+    assert sorted(p.name for p in final.parent.iterdir()) == [
+        "classes.tif", "classes.tif.aux.xml", "preview.png", "probs.tif"]
 
 
 def test_fresh_run_discards_a_stale_partial_run(tmp_path, rng):

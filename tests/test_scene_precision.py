@@ -65,7 +65,7 @@ def test_forward_runs_under_the_chosen_autocast(monkeypatch):
     for precision, expected in [("fp32", None), ("bf16", torch.bfloat16), ("fp16", torch.float16)]:
         pred = ScenePredictor(Probe(), MEAN3, STD3, ["a", "b"], palette(2), tile=64, overlap=16, device="cpu",
                               precision=precision, progress=False)
-        pred._forward(np.zeros((1, 3, 64, 64), np.float32), torch.ones(64, 64))
+        pred._forward(torch.zeros(1, 3, 64, 64))
         assert seen[-1] is expected
 
 

@@ -28,7 +28,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the per-band mean/std of the train split (or --split) as data.mean/data.std config lines",
     )
+    p.add_argument(
+        "--previews", type=Path, default=Path("runs/check-data"),
+        help="dataset 'scenes': folder for one preview PNG per scene (default runs/check-data)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.epilog = "--data.KEY VALUE overrides one data setting of the config, as for seglstm fit"
     return p
 
 
@@ -50,14 +55,36 @@ def data_init_args(config: Path) -> dict[str, Any]:
     return dict(args)
 
 
+def data_overrides(extra: list[str], parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """``--data.KEY VALUE`` (or ``--data.KEY=VALUE``) pairs, values read as YAML, as ``seglstm fit`` takes
+    them; anything else is refused by ``parser``."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(extra):
+        key, sep, value = extra[i].partition("=")
+        if not key.startswith("--data.") or len(key) == len("--data."):
+            parser.error(f"unrecognized argument: {extra[i]} (only --data.KEY VALUE overrides are taken)")
+        if not sep:
+            if i + 1 >= len(extra):
+                parser.error(f"{key} needs a value")
+            i, value = i + 1, extra[i + 1]
+        out[key[len("--data."):]] = yaml.safe_load(value)
+        i += 1
+    return out
+
+
 def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides = data_overrides(extra, parser)
     from seglstm.data import SegDataModule
     from seglstm.data.check import band_statistics, check_dataset, statistics_yaml
     from seglstm.data.io import DataError, DatasetNotFoundError
 
     try:
-        init = data_init_args(args.config)
+        init = {**data_init_args(args.config), **overrides}
         if args.stats and init.get("mean") is None and init.get("bands"):
             # the statistics are what the config lacks: read raw values with a neutral normalisation
             init.update(mean=[0.0] * len(init["bands"]), std=[1.0] * len(init["bands"]))
@@ -66,6 +93,8 @@ def main(argv: list[str]) -> int:
         print(f"seglstm check-data: {args.config}: {err}", file=sys.stderr)
         return 1
     splits = args.split or (["train"] if args.stats else list(dict.fromkeys(["train", "val", module.test_split])))
+    if module.dataset == "scenes":
+        return _check_scenes(module, init, splits, args)
     problems: list[str] = []
     for split in splits:
         if split == "predict":
@@ -81,6 +110,46 @@ def main(argv: list[str]) -> int:
         problems += report.problems
         if args.stats and report.band_mean:
             print(f"\n# per-band normalisation of {split} ({report.checked} images)\n" + statistics_yaml(band_statistics(report)))
+    if problems:
+        print(f"\n{len(problems)} problem(s):", file=sys.stderr)
+        for problem in problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 1
+    print("\nno problems found")
+    return 0
+
+
+def _check_scenes(module: Any, init: dict[str, Any], splits: list[str], args: argparse.Namespace) -> int:
+    """Per scene: image, labels, overlap, CRS / resolution, geometries, class values, split areas, band
+    statistics and a preview; then each split is built as training would build it."""
+    from tqdm.auto import tqdm
+
+    from seglstm.data.check import statistics_yaml
+    from seglstm.data.io import DataError
+    from seglstm.data.scenes import read_scenes_file
+    from seglstm.data.scenes.check import check_scene, scenes_band_statistics, scenes_table
+
+    spec = read_scenes_file(init["scenes"])
+    bands = [1, 2, 3] if module.bands is None else [b + 1 for b in module.bands]
+    folder = args.previews / spec.path.parent.name
+    reports = [
+        check_scene(i, spec, module.crop_size, bands, folder)
+        for i in tqdm(range(len(spec.scenes)), desc="check scenes", disable=args.quiet)
+    ]
+    print(scenes_table(spec, reports))
+    problems = [p for r in reports for p in r.problems]
+    for split in splits:
+        if split == "predict":
+            continue
+        try:
+            data = module.build_split(split)
+            print(f"{split}: {len(data)} window(s) of {module.crop_size[1]}x{module.crop_size[0]}"
+                  + (" per epoch" if split == "train" else f" over the {split} area"))
+        except (ValueError, DataError) as err:
+            problems.append(f"{split}: {err}")
+    stats = scenes_band_statistics(reports)
+    if args.stats and stats is not None:
+        print("\n# per-band normalisation of the scenes (decimated reads)\n" + statistics_yaml(stats))
     if problems:
         print(f"\n{len(problems)} problem(s):", file=sys.stderr)
         for problem in problems:

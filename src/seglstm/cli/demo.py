@@ -95,6 +95,7 @@ def _write_report(
     from seglstm.utils.io import atomic_write_text
 
     total = sum(times.values())
+    tensorboard = any((out.parent / "logs").glob("version_*/tb"))  # written only with the tensorboard extra
     table = (out / "metrics.md").read_text(encoding="utf-8").split("\n", 2)[-1].strip()
     miou = metrics["mIoU"]
     verdict = []
@@ -150,7 +151,8 @@ def _write_report(
         "",
         "- `metrics.json`, `metrics.md`: the numbers above; `overlay/`, `color/`: every val prediction",
         f"- checkpoints: `{out.parent / 'checkpoints'}`; logs: `{out.parent / 'logs'}` "
-        f"(TensorBoard: `tensorboard --logdir {out.parent / 'logs'}`); config: `{out.parent / 'config.yaml'}`",
+        + (f"(TensorBoard: `tensorboard --logdir {out.parent / 'logs'}`)" if tensorboard else "(metrics.csv)")
+        + f"; config: `{out.parent / 'config.yaml'}`",
         "",
     ]
     path = out / "report.md"
@@ -168,17 +170,27 @@ def main(argv: list[str]) -> int:
         "--data", default=None, help="synthetic dataset folder (default data/synthetic[-quick])"
     )
     parser.add_argument(
-        "--config", default=str(REPO_CONFIG), help="training config (default configs/demo.yaml)"
+        "--config", default=None, help="training config (default configs/demo.yaml, configs/demo_scenes.yaml)"
+    )
+    parser.add_argument(
+        "--scenes",
+        action="store_true",
+        help="train on synthetic GeoTIFF scenes with GeoPackage labels, validate on a held-out area and map a "
+        "held-out scene with predict-scene (seglstm.cli.demo_scenes)",
     )
     parser.add_argument(
         "--workers", type=int, default=min(2, os.cpu_count() or 1), help="dataset generation workers"
     )
     args = parser.parse_args(argv)
+    if args.scenes:
+        from seglstm.cli import demo_scenes
+
+        return demo_scenes.main(args)
     spec = dict(QUICK if args.quick else FULL)
     if args.data:
         spec["data"] = args.data
     out = Path(args.out or ("runs/demo-quick" if args.quick else "runs/demo"))
-    config = Path(args.config)
+    config = Path(args.config or REPO_CONFIG)
     if not config.is_file():
         print(
             f"{PROG}: error: --config {config} does not exist (run from the repository, or pass --config)",

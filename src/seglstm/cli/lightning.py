@@ -457,6 +457,12 @@ class SegLightningCLI(SubcommandHooksCLI):
     @staticmethod
     def _check_data_paths(data: Namespace, subcommand: str | None) -> None:
         keys = ["root"]
+        if str(data.get("dataset", "")).lower() == "scenes":
+            keys = []  # scenes.yaml names the files (checked when it is read)
+            if not data.get("scenes"):
+                raise ConfigValueError("data.scenes is not set: give the path of a scenes.yaml")
+            if not Path(data.get("scenes")).is_file():
+                raise ConfigValueError(f"data.scenes: {data.get('scenes')} does not exist")
         if subcommand == "predict":
             keys = ["predict_root"]
         for key in keys:
@@ -474,7 +480,9 @@ class SegLightningCLI(SubcommandHooksCLI):
         count must be known before anything is built, and a conflicting value is named, not overridden)."""
         data = cfg.data
         try:
-            classes = dataset_meta(data.get("dataset"), data.get("root") or ".", data.get("classes_file"))["classes"]
+            classes = dataset_meta(
+                data.get("dataset"), data.get("root") or ".", data.get("classes_file"), data.get("scenes")
+            )["classes"]
         except ValueError as err:  # DataError is a ValueError
             raise ConfigValueError(f"data: {err}") from err
         n = len(classes)

@@ -12,6 +12,7 @@ import argparse
 import importlib
 import sys
 
+from seglstm.utils.optional import MissingExtraError
 from seglstm.utils.threads import add_omp_wait_policy, apply_omp_wait_policy, choose_inference_threads
 
 # command -> (module, one-line help)
@@ -80,9 +81,13 @@ def main(argv: list[str] | None = None) -> int:
             print(THREADS_HELP)
         rest = _apply_thread_options(cmd, rest)
     module = importlib.import_module(COMMANDS[cmd][0])
-    if COMMANDS[cmd][0] == "seglstm.cli.lightning":
-        return int(module.main([cmd, *rest]) or 0)
-    return int(module.main(rest) or 0)
+    try:
+        if COMMANDS[cmd][0] == "seglstm.cli.lightning":
+            return int(module.main([cmd, *rest]) or 0)
+        return int(module.main(rest) or 0)
+    except MissingExtraError as err:  # an optional package the command needs: the one line to install it
+        print(f"seglstm {cmd}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -33,11 +33,21 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument(
-        "input",
-        help="input raster: a file, an http(s):// or s3:// URL, a /vsi* path, or a STAC item (.json, with "
-        "--asset/--assets)",
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="INPUT OUTPUT.tif: one input raster (a file, an http(s):// or s3:// URL, a /vsi* path, or a STAC "
+        "item .json with --asset/--assets) and the output class GeoTIFF. With --out-dir: any number of inputs: "
+        "files, URLs, glob patterns ('tiles/*.tif'), @LIST (a text file, one path or URL a line) or STAC "
+        "ItemCollections (.json with features)",
     )
-    p.add_argument("output", help="output class GeoTIFF")
+    p.add_argument(
+        "--out-dir",
+        default=None,
+        help="map a region: each scene's products go to OUT_DIR/<scene>/ (classes.tif and the names given to "
+        "--probs/--preview/--vector), plus manifest.json/.csv, mosaic.vrt and with --vector one merged "
+        "GeoPackage. Ranks started by torchrun or srun share the scenes; a rerun does only what is missing",
+    )
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--ckpt", help="segmentor checkpoint")
     model.add_argument("--onnx", help="an ONNX model written by `seglstm export` (run with onnxruntime)")
@@ -76,14 +86,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodata", type=float, default=None, help="treat this value as nodata (overrides the file's)")
     p.add_argument("--dst-crs", default=None, help="reproject on the fly to this CRS (e.g. EPSG:3857)")
     p.add_argument(
-        "--resolution", type=float, nargs="+", default=None, metavar="RES", help="output pixel size (X [Y])"
+        "--resolution", type=float, nargs="+", default=None, metavar="RES",
+        help="output pixel size (X [Y]) on gdalwarp's -tr grid",
     )
+    # map-ready products: output grid, STAC asset grids
+    p.add_argument("--tap", action="store_true", help="snap the output bounds to multiples of --resolution "
+                   "(gdalwarp -tap), so that grids of different scenes line up")
+    p.add_argument("--asset-grid", default=None, metavar="ASSET", help="STAC assets on different grids are "
+                   "resampled onto this asset's grid (default: the finest)")
     p.add_argument("--probs", default=None, help="also write per-class probabilities (uint8 0..255) here")
     p.add_argument("--preview", default=None, help="also write a colour-coded PNG preview here")
     p.add_argument("--preview-size", type=int, default=1024, help="longest preview side (default 1024)")
     p.add_argument("--cog", action="store_true", help="write the class raster and probabilities as COGs")
-    p.add_argument("--vector", default=None, help="also write class polygons (.gpkg, .geojson, .parquet)")
-    p.add_argument("--min-area", type=float, default=0.0, help="drop polygons below this area (map units^2)")
+    p.add_argument(
+        "--vector", default=None,
+        help="also write class polygons (.gpkg, .geojson per RFC 7946 in WGS84 lon/lat, .parquet)",
+    )
+    p.add_argument(
+        "--min-area", type=float, default=0.0,
+        help="minimum mapping unit (map units^2): smaller regions are merged into their largest neighbour "
+        "(GDAL sieve, 4-connected) before polygons are traced; no polygon ends below it, even after --simplify",
+    )
     p.add_argument(
         "--simplify", type=float, default=0.0, help="topology-preserving simplification tolerance (map units)"
     )
@@ -109,7 +132,9 @@ def _input_options(args: argparse.Namespace) -> InputOptions:
         if len(args.resolution) > 2 or any(r <= 0 for r in args.resolution):
             raise SceneError(f"--resolution {args.resolution}: expected one or two positive pixel sizes")
         resolution = (args.resolution[0], args.resolution[-1])
-    return InputOptions(tuple(assets) or None, args.nodata, args.dst_crs, resolution)
+    if args.tap and resolution is None:
+        raise SceneError("--tap snaps the output bounds to the resolution: add --resolution")
+    return InputOptions(tuple(assets) or None, args.nodata, args.dst_crs, resolution, args.tap, args.asset_grid)
 
 
 def _load(args: argparse.Namespace):
@@ -149,7 +174,12 @@ def _tiling(args: argparse.Namespace, model, meta: dict) -> tuple[int, int]:
 
 def main(argv: list[str]) -> int:
     """Run the command; 0 on success, 2 on bad input, 130 when interrupted (resumable)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.out_dir is None:
+        if len(args.paths) != 2:
+            parser.error(f"give one INPUT and OUTPUT.tif, or several inputs with --out-dir DIR; got {args.paths}")
+        args.input, args.output = args.paths
     logging.basicConfig(level=logging.INFO, format=f"{PROG}: %(message)s")
     # imported here: the loader pulls in every model and the training stack, which --help does not need
     from seglstm.inference.loading import SegmentorLoadError
@@ -170,6 +200,12 @@ def main(argv: list[str]) -> int:
                 f"--precision {args.precision}: an ONNX model (--onnx) runs in the dtype it was exported in; "
                 "use --precision auto or fp32"
             )
+        launch = None
+        if args.out_dir is not None:
+            from seglstm.inference.scene.region import Launch
+
+            launch = Launch.from_env()
+            args.device = launch.device(args.device)
         model, meta = _load(args)
         tile, overlap = _tiling(args, model, meta)
         predictor = ScenePredictor(
@@ -186,6 +222,10 @@ def main(argv: list[str]) -> int:
             buffer_mb=args.buffer_mb,
             progress=not args.quiet,
         )
+        if launch is not None:
+            from seglstm.cli.predict_region import run_region_cli
+
+            return run_region_cli(predictor, args, vector, options, bands, scale, launch)
         result = predictor.predict(
             args.input,
             args.output,
@@ -210,6 +250,9 @@ def main(argv: list[str]) -> int:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if args.out_dir is not None:
+            print(f"{PROG}: interrupted; rerun the same command to finish {args.out_dir}", file=sys.stderr)
+            return 130
         print(
             f"{PROG}: interrupted; {args.output} was not written. Progress so far is kept beside it: rerun the same "
             "command with --resume to continue.",

@@ -1,4 +1,5 @@
-"""``seglstm synth``: write the built-in synthetic LoveDA-like dataset (and/or a sample grid)."""
+"""``seglstm synth``: write the built-in synthetic LoveDA-like dataset (and/or a sample grid), or synthetic
+GeoTIFF scenes with GeoPackage labels for the ``scenes`` dataset (``--scenes``)."""
 
 from __future__ import annotations
 
@@ -25,14 +26,22 @@ def _parser() -> argparse.ArgumentParser:
         "--grid", type=Path, help="also save a PNG grid of 3 urban and 3 rural scenes (image | mask overlay)"
     )
     p.add_argument("--bands", type=int, default=3, help="3 (RGB PNG) or 4 (RGB + near-infrared TIFF, folder dataset)")
+    p.add_argument(
+        "--scenes", type=Path,
+        help="write synthetic GeoTIFF scenes (UTM) with GeoPackage polygon labels (EPSG:4326) and a scenes.yaml "
+        "here instead (--size is each scene's side)",
+    )
+    p.add_argument("--n-scenes", type=int, default=3, help="training scenes for --scenes, plus one held out (default 3)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    if args.scenes is not None:
+        return _scenes(args)
     if args.out is None and args.grid is None:
-        _parser().error("give --out DIR (and/or --grid PNG)")
+        _parser().error("give --out DIR (and/or --grid PNG), or --scenes DIR")
     from seglstm.data.synthetic import generate, sample_grid, sample_scenes
 
     for flag, path in (("--out", args.out), ("--grid", args.grid)):
@@ -56,4 +65,25 @@ def main(argv: list[str]) -> int:
     except OSError as err:
         print(f"seglstm synth: error: cannot write {err.filename or args.out}: {err.strerror or err}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _scenes(args: argparse.Namespace) -> int:
+    from seglstm.data.synthetic_scenes import write_synthetic_scenes
+
+    if args.out is not None or args.grid is not None:
+        _parser().error("--scenes writes scenes only; leave out --out and --grid")
+    if args.scenes.exists() and not args.scenes.is_dir():
+        print(f"seglstm synth: error: --scenes {args.scenes} is a file, not a folder", file=sys.stderr)
+        return 2
+    try:
+        path = write_synthetic_scenes(args.scenes, args.n_scenes, size=args.size, seed=args.seed,
+                                      overwrite=args.overwrite, progress=not args.quiet)
+    except (ValueError, FileExistsError) as err:
+        print(f"seglstm synth: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        print(f"seglstm synth: error: cannot write {err.filename or args.scenes}: {err.strerror or err}", file=sys.stderr)
+        return 1
+    print(f"synthetic scenes ready: {path} ({args.n_scenes} scenes + 1 held out, {args.size} px a side)")
     return 0

@@ -289,10 +289,18 @@ class SegDataset(Dataset):
         try:
             return self._get(epoch, index)
         except Exception as err:
-            raise item_error(err, self.files[index][0], index) from err
+            raise item_error(err, self.item_path(index), index) from err
+
+    def item_path(self, index: int) -> str | Path:
+        """The file an error while loading item ``index`` names."""
+        return self.files[index][0]
+
+    def load_item(self, epoch: int, index: int) -> Sample:
+        """Item ``index`` of ``epoch`` before any transform (file datasets: the same in every epoch)."""
+        return self.load(index)
 
     def _get(self, epoch: int, index: int) -> Sample:
-        sample = self.load(index)
+        sample = self.load_item(epoch, index)
         if self.transforms is None:
             return sample
         seed = item_seed(self.seed, epoch, index % len(self))

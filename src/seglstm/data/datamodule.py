@@ -40,7 +40,7 @@ class SegDataModule(L.LightningDataModule):
     across ranks (whose indices are disjoint) and do not depend on the number of workers.
 
     Args:
-        dataset: ``loveda``, ``potsdam``, ``vaihingen`` or ``folder``.
+        dataset: ``loveda``, ``potsdam``, ``vaihingen``, ``folder`` or ``scenes``.
         root: dataset root.
         batch_size: training batch size per device.
         val_batch_size: batch size for val/test/predict (images of different size are padded).
@@ -61,6 +61,8 @@ class SegDataModule(L.LightningDataModule):
         photometric: use PhotoMetricDistortion on the first three bands (8-bit RGB; other bands untouched).
         flip_prob: horizontal flip probability.
         img_suffix, ann_suffix: file-name endings for ``potsdam``/``vaihingen``/``folder`` (default ``.png``).
+        scenes: the ``scenes.yaml`` of dataset ``scenes`` (GeoTIFF scenes with vector or raster labels; see
+            :mod:`seglstm.data.scenes`); ``root`` is then unused and ``test_scale`` must be ``None``.
     """
 
     def __init__(
@@ -88,13 +90,19 @@ class SegDataModule(L.LightningDataModule):
         flip_prob: float = 0.5,
         img_suffix: str | None = None,
         ann_suffix: str | None = None,
+        scenes: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.dataset_cls = dataset_class(dataset)
         self.dataset = dataset.lower()
         self.root = Path(root)
-        if not self.root.is_dir():
+        if self.dataset == "scenes" and test_scale is not None:
+            raise ValueError(
+                f"test_scale={list(test_scale)!r}: set data.test_scale: null for dataset 'scenes' (val/test "
+                "windows are scored at the scene's resolution, as predict-scene maps it)"
+            )
+        if self.dataset != "scenes" and not self.root.is_dir():
             hint = (
                 f" (for the synthetic stand-in run `seglstm synth --out {root}`)"
                 if self.dataset == "loveda"
@@ -124,7 +132,8 @@ class SegDataModule(L.LightningDataModule):
         if max_pixels is not None and max_pixels <= 0:
             raise ValueError(f"max_pixels must be positive or None, got {max_pixels}")
         self.kwargs = dataset_kwargs(
-            self.dataset, domain, classes_file, bands, img_suffix, ann_suffix, max_pixels
+            self.dataset, domain, classes_file, bands, img_suffix, ann_suffix, max_pixels, scenes,
+            self.crop_size if self.dataset == "scenes" else None,
         )
         self.bands = None if bands is None else [int(b) for b in bands]
         self.mean, self.std = self._normalization(mean, std)
@@ -138,7 +147,7 @@ class SegDataModule(L.LightningDataModule):
             raise DatasetNotFoundError(f"predict_root={predict_root!r} is not a directory")
         self.predict_root = predict_root
         self.seed = seed
-        self._meta = dataset_meta(self.dataset, self.root, classes_file)
+        self._meta = dataset_meta(self.dataset, self.root, classes_file, scenes)
         self.datasets: dict[str, Dataset] = {}
 
     def _normalization(self, mean: list[float] | None, std: list[float] | None) -> tuple[tuple, tuple]:
@@ -228,6 +237,10 @@ class SegDataModule(L.LightningDataModule):
         """
         from seglstm.data.check import scan_dataset
         from seglstm.data.io import DataError
+
+        if self.dataset == "scenes":  # building the split opens every image and label file and plans its windows
+            self.build_split(split)
+            return
 
         problems = scan_dataset(self.build_split(split), num_workers=self.num_workers, progress=progress)
         if problems:

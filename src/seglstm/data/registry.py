@@ -12,12 +12,14 @@ from seglstm.data.folder import SegFolder, find_class_file, read_class_file
 from seglstm.data.io import DEFAULT_MAX_PIXELS
 from seglstm.data.isprs import Potsdam, Vaihingen
 from seglstm.data.loveda import LoveDA
+from seglstm.data.scenes import SceneDataset, read_scenes_file
 
 DATASETS: dict[str, type[SegDataset]] = {
     "loveda": LoveDA,
     "potsdam": Potsdam,
     "vaihingen": Vaihingen,
     "folder": SegFolder,
+    "scenes": SceneDataset,
 }
 
 
@@ -29,10 +31,17 @@ def dataset_class(name: str) -> type[SegDataset]:
         raise ValueError(f"dataset={name!r} is not one of {sorted(DATASETS)}") from None
 
 
-def dataset_meta(name: str, root: str | Path, classes_file: str | Path | None = None) -> dict[str, Any]:
-    """``classes`` and ``palette`` of dataset ``name``: the class's own, or a ``folder`` dataset's class file
-    (``classes_file``, else ``classes.yaml|yml|json`` under ``root``). Reads no images."""
+def dataset_meta(
+    name: str, root: str | Path, classes_file: str | Path | None = None, scenes: str | Path | None = None
+) -> dict[str, Any]:
+    """``classes`` and ``palette`` of dataset ``name``: the class's own, a ``folder`` dataset's class file
+    (``classes_file``, else ``classes.yaml|yml|json`` under ``root``) or a ``scenes.yaml``'s. Reads no images."""
     cls = dataset_class(name)
+    if cls is SceneDataset:
+        if scenes is None:
+            raise ValueError("dataset='scenes' needs data.scenes: the path of a scenes.yaml")
+        spec = read_scenes_file(scenes)
+        return {"classes": spec.classes, "palette": spec.palette}
     if cls is SegFolder:
         return read_class_file(find_class_file(Path(root), classes_file))
     return {"classes": cls.classes, "palette": cls.palette}
@@ -51,11 +60,27 @@ def dataset_kwargs(
     img_suffix: str | None = None,
     ann_suffix: str | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    scenes: str | None = None,
+    crop_size: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Constructor arguments for dataset ``name`` from DataModule-style settings, rejecting settings that
     the dataset does not have (rather than ignoring them)."""
     cls = dataset_class(name)
     kwargs: dict[str, Any] = {"max_pixels": max_pixels}
+    if cls is SceneDataset:
+        for arg, value in (("classes_file", classes_file), ("img_suffix", img_suffix), ("ann_suffix", ann_suffix)):
+            if value is not None:
+                raise ValueError(f"{arg}={value!r} does not apply to dataset='scenes' (scenes.yaml names the files)")
+        if domain != "both":
+            raise ValueError(f"domain={domain!r} only applies to dataset='loveda', not 'scenes'")
+        if scenes is None:
+            raise ValueError("dataset='scenes' needs data.scenes: the path of a scenes.yaml")
+        kwargs.update(scenes=scenes, bands=None if bands is None else list(bands))
+        if crop_size is not None:
+            kwargs["crop_size"] = tuple(int(v) for v in crop_size)
+        return kwargs
+    if scenes is not None:
+        raise ValueError(f"scenes={scenes!r} only applies to dataset='scenes', not {name!r}")
     if cls is LoveDA:
         if domain not in LoveDA.domains:
             raise ValueError(f"domain={domain!r} is not one of {LoveDA.domains}")

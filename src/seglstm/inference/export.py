@@ -20,6 +20,7 @@ from torch import nn
 
 from seglstm.inference.scene.plan import model_patch_size
 from seglstm.utils.io import atomic_path
+from seglstm.utils.optional import require
 
 META_KEY = "seglstm_meta"
 FORMATS = ("onnx", "pt2")
@@ -27,7 +28,7 @@ FORMATS = ("onnx", "pt2")
 
 def _cummax(x, dim: int):
     """ONNX translation of ``aten.cummax`` (values, indices) along the last axis."""
-    from onnxscript import opset18 as op
+    op = require("onnxscript", "ONNX export").opset18
 
     if dim not in (-1,):
         # the mLSTM only takes it over the last axis; a general axis would need a transpose first
@@ -46,6 +47,9 @@ def export_segmentor(
     """Write ``model`` for ``batch x C x tile x tile`` inputs; returns the written path."""
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if fmt == "onnx":  # torch.onnx's exporter writes through onnx and onnxscript
+        require("onnx", "ONNX export")
+        require("onnxscript", "ONNX export")
     patch = model_patch_size(model)
     if batch < 1:
         raise ValueError(f"--batch {batch} must be positive")

@@ -6,17 +6,18 @@ stride-4 patch embedding, four stages of VSS blocks whose SS2D mixer scans the t
 stages, giving maps at 1/4, 1/8, 1/16 and 1/32.
 
 ``selective_scan`` has the signature and semantics of ``mamba_ssm``'s ``selective_scan_fn``. It uses that CUDA
-kernel when the package imports (``pip install seglstm[mamba]``, needs a CUDA toolkit) and the tensors live on a
-GPU. Otherwise it runs a chunked scan in plain PyTorch: the sequence is cut into chunks of ``chunk_size`` steps,
-each chunk's (B, chunk, D, N) states are computed (by a sequential recurrence on CPUs, by the parallel
-(Blelloch) scan of the ``mambapy`` package on GPUs), and only the (B, D, N) state at the chunk's end is
-carried to the next one. When gradients are needed every chunk
+kernel when the package imports (``pip install 'seglstm[mamba-cuda]'``, needs a CUDA toolkit) and the tensors
+live on a GPU. Otherwise it runs a chunked scan in plain PyTorch: the sequence is cut into chunks of
+``chunk_size`` steps, each chunk's (B, chunk, D, N) states are computed (by a sequential recurrence on CPUs, by
+the parallel (Blelloch) scan of the ``mambapy`` package on GPUs, ``pip install 'seglstm[mamba]'``), and only the
+(B, D, N) state at the chunk's end is carried to the next one. When gradients are needed every chunk
 runs under ``torch.utils.checkpoint``, so the backward pass recomputes a chunk's states instead of keeping
 them. Memory then grows with L * D (inputs, outputs, one state per chunk) rather than with L * D * N.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Sequence
@@ -24,20 +25,14 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from mambapy.pscan import pscan
 from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from seglstm.models.registry import register_encoder
+from seglstm.utils.optional import missing_extra_message, require
 
-try:  # the fused CUDA kernel; it only builds against a CUDA toolkit, so CPU installs go without it
-    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _mamba_ssm_scan_fn
-except ImportError:
-    _mamba_ssm_scan_fn = None
-
-__all__ = [
-    "MAMBA_SSM_AVAILABLE",
+__all__ = [  # and MAMBA_SSM_AVAILABLE, computed on first use (module __getattr__)
     "SS2D",
     "VMamba",
     "VSSBlock",
@@ -46,7 +41,6 @@ __all__ = [
     "selective_scan",
 ]
 
-MAMBA_SSM_AVAILABLE = _mamba_ssm_scan_fn is not None
 ScanBackend = Literal["auto", "mamba_ssm", "pscan"]
 ChunkSize = int | Literal["auto"] | None
 # "auto" chunks hold this many bytes of states (B, chunk, D, N): large enough that the allocator returns
@@ -58,6 +52,23 @@ AUTO_CHUNK_BYTES = 64 * 2**20
 
 log = logging.getLogger(__name__)
 _logged_choices: set[str] = set()
+
+
+@functools.cache
+def _mamba_ssm_scan_fn():
+    """The fused CUDA kernel, imported on first use; it only builds against a CUDA toolkit, so CPU installs
+    go without it (None)."""
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except ImportError:
+        return None
+    return selective_scan_fn
+
+
+def __getattr__(name: str) -> Any:
+    if name == "MAMBA_SSM_AVAILABLE":  # computed on first use: importing mamba_ssm loads its CUDA extension
+        return _mamba_ssm_scan_fn() is not None
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _log_choice_once(key: str, level: int, message: str) -> None:
@@ -161,6 +172,7 @@ def _scan_chunk(
     if _parallel_in_chunk(u.device):
         if h0 is not None:  # fold the carried state into the first step: h_1 = dA_1 h_0 + dBu_1
             dBu[0] += dA[0] * h0
+        pscan = require("mambapy.pscan", "the Mamba model's parallel scan on a GPU").pscan
         h = pscan(dA.transpose(0, 1), dBu.transpose(0, 1)).transpose(0, 1)  # pscan works on (b, T, D, N)
     else:
         h = _SequentialRecurrence.apply(dA, dBu, h0)
@@ -282,17 +294,18 @@ def selective_scan(
     ):
         raise ValueError(f"selective_scan: chunk_size must be a positive integer, 'auto' or None, got {chunk_size!r}")
 
-    use_kernel = backend == "mamba_ssm" or (backend == "auto" and MAMBA_SSM_AVAILABLE and u.is_cuda)
+    kernel = _mamba_ssm_scan_fn() if backend == "mamba_ssm" or u.is_cuda else None
+    use_kernel = backend == "mamba_ssm" or (backend == "auto" and kernel is not None and u.is_cuda)
     if use_kernel:
-        if not MAMBA_SSM_AVAILABLE:
+        if kernel is None:
             raise RuntimeError(
-                "selective_scan: backend='mamba_ssm' requested but mamba_ssm does not import "
-                "(pip install 'seglstm[mamba]' on a machine with a CUDA toolkit)"
+                "selective_scan: " + missing_extra_message("mamba_ssm", "backend='mamba_ssm'", "does not import")
+                + " (on a machine with a CUDA toolkit)"
             )
         if not u.is_cuda:
             raise RuntimeError("selective_scan: the mamba_ssm kernel needs CUDA tensors")
         _log_choice_once("mamba_ssm", logging.INFO, "selective_scan: mamba_ssm's fused CUDA kernel")
-        return _mamba_ssm_scan_fn(
+        return kernel(
             u.contiguous(),
             delta.contiguous(),
             A.contiguous(),
@@ -304,12 +317,12 @@ def selective_scan(
             delta_softplus,
         )
 
-    if u.is_cuda and not MAMBA_SSM_AVAILABLE:
+    if u.is_cuda and kernel is None:
         _log_choice_once(
             "pscan-cuda",
             logging.WARNING,
             "selective_scan: mamba_ssm is not installed, so Mamba models run the chunked PyTorch scan on the GPU, "
-            "several times slower than the fused kernel (pip install 'seglstm[mamba]')",
+            "several times slower than the fused kernel (pip install 'seglstm[mamba-cuda]')",
         )
     else:
         _log_choice_once(

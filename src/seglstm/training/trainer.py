@@ -9,7 +9,8 @@ What it adds over ``lightning.pytorch.Trainer`` (every other argument is passed 
 - ``sync_batchnorm="auto"``: SyncBatchNorm when training on several CUDA devices (the seed's SyncBN under
   DDP); off on the CPU, where torch has no SyncBatchNorm kernel.
 - ``logger=None``/``True``: a CSV logger and a TensorBoard logger sharing one ``logs/version_N`` folder under
-  ``default_root_dir``, so ``seglstm plot-log`` and TensorBoard read the same run.
+  ``default_root_dir``, so ``seglstm plot-log`` and TensorBoard read the same run. Without the tensorboard
+  extra, CSV alone (as Lightning's own default falls back to CSV), said once at the start.
 - checkpoints are always written atomically (:class:`~seglstm.training.callbacks.AtomicCheckpointIO`), and
   the progress bar counts iterations to ``max_steps`` with an ETA.
 - checkpoints are always read with ``weights_only=True`` (resume included) unless ``unsafe_load``.
@@ -20,6 +21,7 @@ What it adds over ``lightning.pytorch.Trainer`` (every other argument is passed 
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable
 from typing import Any, Literal
@@ -51,11 +53,26 @@ def _device_count(devices: Any) -> int:
 
 def default_loggers(root_dir: str) -> list[Logger]:
     """CSV + TensorBoard in ``<root_dir>/logs/version_N`` (TensorBoard in its ``tb`` subfolder)."""
+    from seglstm.utils.optional import available
+
     csv = CSVLogger(root_dir, name="logs")
+    if not available("tensorboard"):
+        _note_no_tensorboard()
+        return [csv]
     return [
         csv,
         TensorBoardLogger(root_dir, name="logs", version=csv.version, sub_dir="tb", default_hp_metric=False),
     ]
+
+
+@functools.cache
+def _note_no_tensorboard() -> None:
+    """Once per process: fit and test each build a trainer."""
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from seglstm.utils.optional import missing_extra_message
+
+    rank_zero_info(missing_extra_message("tensorboard", "Writing TensorBoard logs beside metrics.csv"))
 
 
 class SegTrainer(Trainer):

@@ -11,20 +11,29 @@ A scene can be far larger than memory, so nothing here ever holds a full-resolut
 * ``blend``: a strip runs every window that touches it (windows straddling a strip border run once per
   strip, about one extra window column per strip) and blends them in a rolling buffer of ``tile + 256``
   rows; rows are flushed a 256-row block row at a time once no later window can reach them. Each
-  window's softmax probabilities are multiplied by a separable Hann window with a floor and divided by
-  the summed weights at flush time, so a pixel's result depends only on the windows covering it.
+  window's softmax probabilities are multiplied by the blending weight (``plan.window_weight``) and
+  divided by the summed weights at flush time, so a pixel's result depends only on the windows covering
+  it. The normalisation, softmax, buffer, division and arg-max run as torch ops on the model's device:
+  only raw windows go to it and only uint8 classes (and uint8 probabilities) come back.
+* ``background``: a reader thread reads and stacks the next batches' windows while the model runs, and a
+  writer thread compresses and writes the finished chunks, each behind a queue of two.
 * ``outputs``: flushed rows go to compressed per-block-row chunk files in a partial directory beside the
-  output, with a JSON progress sidecar; every ``--resume`` decision is made there.
+  output, with a JSON progress sidecar (recorded after the chunks it counts); every ``--resume`` decision
+  is made there.
 * ``writers`` / ``vector``: the GeoTIFF (or COG), probabilities and preview are assembled from the chunks
   in one deterministic pass, and polygons are traced strip by strip from the class raster, so ``--resume``
   after Ctrl-C gives the same bytes as an uninterrupted run and final names only ever hold complete files.
 
-Memory bound, whatever the scene size: ``buffer_mb`` (default 512 MiB; the strip buffer of
-``(K + 1) x (tile + 256) x strip_width`` float32 plus one ``bands x tile x strip_width`` read, from which the
-strip width is derived) + ``batch_size x (bands + K) x tile^2`` float32 for a batch's inputs and
-probabilities + the model's own activations for that batch + GDAL's block cache (64 MiB) + for polygons
-one 64 MiB strip of the class raster and the polygons crossing one strip border. Disk: the partial run
-holds the compressed class (and probability) chunks until the products are assembled.
+Memory bound, whatever the scene size: ``buffer_mb`` (default 512 MiB) covers the strip buffer, on the
+model's device (``(K + 1) x (tile + 256) x strip_width`` float32 and as many validity bytes), plus the
+host's read of one row of windows (``bands x tile x strip_width``); the strip width is derived from it.
+Beyond it: on the device, ``batch_size x (bands + K) x tile^2`` float32 for a batch's inputs and
+probabilities and the model's own activations for that batch; on the host, at most four batches of raw
+windows (``batch_size x bands x tile^2`` values, float32 unless the input is uint8, and their masks: one
+being read, two queued, one going to the device), the finished uint8 chunks of one flush plus at most
+three in the writer's hands, GDAL's block cache (64 MiB) and, for polygons, one 64 MiB strip of the class raster and the
+polygons crossing one strip border. On a CPU the device is the host, so both shares add up there. Disk:
+the partial run holds the compressed class (and probability) chunks until the products are assembled.
 """
 
 from seglstm.inference.scene.errors import SceneError

@@ -20,7 +20,9 @@ class OnnxSegmentor:
     the CUDA provider is installed, else CPU)."""
 
     def __init__(self, path: str | os.PathLike) -> None:
-        import onnxruntime as ort
+        from seglstm.utils.optional import require
+
+        ort = require("onnxruntime", "--onnx (running an ONNX model)")
 
         self.path = Path(path)
         if not self.path.is_file():
@@ -37,7 +39,9 @@ class OnnxSegmentor:
         self.tile = int(self.meta["tile"])
 
     def to(self, device: torch.device) -> OnnxSegmentor:
-        import onnxruntime as ort
+        from seglstm.utils.optional import require
+
+        ort = require("onnxruntime", "--onnx (running an ONNX model)")
 
         if torch.device(device).type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             self.session.set_providers(["CUDAExecutionProvider", "CPUExecutionProvider"])

@@ -12,6 +12,10 @@ import numpy as np
 from seglstm.inference.scene.errors import SceneError
 
 BLOCK = 256  # GeoTIFF block side; strips, flushes and chunks are aligned to it
+# smallest blending weight, at a window's edge: near zero, so that a window hands over to its neighbour
+# without a step (a floor of 0.1 left straight class boundaries along window edges), yet positive where
+# a single window covers the scene edge (the division by the summed weights then returns that window)
+WEIGHT_FLOOR = 1e-3
 
 
 @dataclass(frozen=True)
@@ -91,11 +95,12 @@ def plan_run(grid: TileGrid, strips: list[Strip]) -> list[Tile]:
     return [Tile(i, k, r, c) for i, (k, r, c) in enumerate(order)]
 
 
-def window_weight(h: int, w: int, floor: float = 0.1) -> np.ndarray:
+def window_weight(h: int, w: int, floor: float = WEIGHT_FLOOR) -> np.ndarray:
     """Separable Hann window ``floor + (1 - floor) sin^2(pi (i + 0.5) / n)``, float32 ``(h, w)``.
 
-    It falls smoothly towards a window's border, so overlapping windows hand over without seams, and the
-    floor keeps it positive where a single window covers the scene edge.
+    It falls smoothly to about ``floor`` at a window's border, so overlapping windows hand over without
+    seams while the centre pixels dominate, and the floor keeps it positive where a single window covers
+    the scene edge (there the blend is that window's own prediction).
     """
     if not 0.0 < floor <= 1.0:
         raise SceneError(f"window weight floor must be in (0, 1], got {floor}")

@@ -4,11 +4,12 @@ module of this package (see its docstring for the memory bound)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,11 +19,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from seglstm.inference.scene.blend import StripBuffer
+from seglstm.inference.scene.background import Prefetcher, Writer
+from seglstm.inference.scene.blend import StripBuffer, first_argmax
 from seglstm.inference.scene.errors import SceneError
 from seglstm.inference.scene.outputs import PartialRun, Progress
 from seglstm.inference.scene.plan import (
     BLOCK,
+    WEIGHT_FLOOR,
     Strip,
     Tile,
     TileGrid,
@@ -33,13 +36,21 @@ from seglstm.inference.scene.plan import (
 )
 from seglstm.inference.scene.scaling import Normaliser, ScaleSpec, compute_scaling, parse_scale
 from seglstm.inference.scene.source import InputOptions, SceneInput, is_remote, open_input
-from seglstm.inference.scene.vector import VectorSpec, write_vector
+from seglstm.inference.scene.vector import VectorSpec, check_georef, write_vector
 from seglstm.inference.scene.writers import NODATA, Georef, Products, write_rasters
 from seglstm.utils.device import InferencePrecision, resolve_device, resolve_inference_precision
 
 log = logging.getLogger(__name__)
 
 GDAL_CACHE_MB = 64
+# Host seconds of the last ``predict`` by phase (``ScenePredictor.profile``). Main thread: waiting for the
+# reader, the forward, softmax + weighting + adding into the strip buffer, flushing (division, arg-max, uint8
+# copy to the host), waiting for the writer, assembling the products. Background threads: the reader
+# (reading, stacking, copying to the device and normalising there; ``normalise`` is that last part of it),
+# the writer (compressing and writing chunks). On CUDA, kernels run asynchronously: their time shows where
+# the host next waits for them (the flush's copy to the host).
+PROFILE_PHASES = ("read_wait", "normalise", "forward", "blend", "flush", "write_wait", "assemble", "reader",
+                  "writer")
 _DTYPE_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -87,56 +98,90 @@ def _model_digest(model: nn.Module) -> str:
 
 class _WindowReader:
     """Reads a strip's whole row of windows at once (one GDAL read per row instead of one per window) and
-    cuts the windows out of it."""
+    cuts the windows out of it: raw values (uint8 as they are, other types as float32, the first step of
+    the normalisation), which band values are usable ``(C, h, w)`` and which pixels are valid ``(h, w)``."""
 
-    def __init__(self, source: SceneInput, bands: list[int], normalise: Normaliser, grid: TileGrid,
-                 strips: list[Strip]) -> None:
-        self.source, self.bands, self.normalise, self.grid, self.strips = source, bands, normalise, grid, strips
+    def __init__(self, source: SceneInput, bands: list[int], grid: TileGrid, strips: list[Strip]) -> None:
+        self.source, self.bands, self.grid, self.strips = source, bands, grid, strips
         self._key: tuple[int, int] | None = None
-        self._x = self._valid = None
+        self._raw = self._ok = self._valid = None
 
-    def __call__(self, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, tile: Tile) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         grid, strip = self.grid, self.strips[tile.strip]
         ex0, ex1 = strip.extent(grid)
         if self._key != (tile.strip, tile.row):
             window = rasterio.windows.Window(ex0, grid.ys[tile.row], ex1 - ex0, grid.tile_h)
             raw, band_valid, valid = self.source.read(self.bands, window=window)
-            self._key, self._x, self._valid = (tile.strip, tile.row), self.normalise(raw, band_valid, valid), valid
-        c0 = grid.xs[tile.col] - ex0
-        return self._x[:, :, c0 : c0 + grid.tile_w], self._valid[:, c0 : c0 + grid.tile_w]
+            self._raw = raw if raw.dtype == np.uint8 else raw.astype(np.float32)
+            self._key, self._ok, self._valid = (tile.strip, tile.row), band_valid & valid[None], valid
+        cols = slice(grid.xs[tile.col] - ex0, grid.xs[tile.col] - ex0 + grid.tile_w)
+        return self._raw[:, :, cols], self._ok[:, :, cols], self._valid[:, cols]
+
+
+@dataclass
+class _Batch:
+    """One batch of windows as the reader thread hands it over, on the device: the windows with any valid
+    pixel (``live``) stacked and normalised for the model, and every window's pixel validity."""
+
+    tiles: list[Tile]
+    live: list[int]
+    x: torch.Tensor | None
+    valid: torch.Tensor
+
+
+def _host_tensor(array: np.ndarray, pin: bool) -> torch.Tensor:
+    """A host tensor for a copy to the device: page-locked (so the copy is asynchronous) on CUDA."""
+    t = torch.from_numpy(array)
+    return t.pin_memory() if pin else t
+
+
+def _to_host(t: torch.Tensor) -> np.ndarray:
+    """The one place where results cross from the device to the host (uint8 only)."""
+    if t.dtype != torch.uint8:
+        raise TypeError(f"only uint8 results cross to the host, got {t.dtype}")
+    return t.cpu().numpy()
 
 
 class _Blender:
-    """Adds window results into the current strip's buffer and flushes finished block rows to chunks."""
+    """Adds window results into the current strip's buffer (on the device) and hands finished block rows,
+    as uint8, to the writer thread, which saves the chunks and then the progress."""
 
-    def __init__(self, partial: PartialRun, grid: TileGrid, strips: list[Strip], num_classes: int,
-                 weight: np.ndarray, with_probs: bool) -> None:
-        self.partial, self.grid, self.strips, self.num_classes = partial, grid, strips, num_classes
-        self.weight, self.with_probs = weight, with_probs
+    def __init__(self, partial: PartialRun, start: Progress, grid: TileGrid, strips: list[Strip],
+                 num_classes: int, weight: torch.Tensor, with_probs: bool, writer: Writer) -> None:
+        self.partial, self.start, self.grid, self.strips = partial, start, grid, strips
+        self.num_classes, self.weight, self.with_probs, self.writer = num_classes, weight, with_probs, writer
         self.buffer: StripBuffer | None = None
+        self.flush_s = 0.0
 
-    def add(self, tile: Tile, wprobs: np.ndarray | None, valid: np.ndarray) -> None:
+    def add(self, tile: Tile, wprobs: torch.Tensor | None, valid: torch.Tensor) -> None:
         strip = self.strips[tile.strip]
         if self.buffer is None or self.buffer.strip.index != strip.index:
-            start = self.partial.progress.buffer_start(strip.index)
-            self.buffer = StripBuffer(strip, self.grid, self.num_classes, start)
+            y0 = self.start.buffer_start(strip.index)
+            self.buffer = StripBuffer(strip, self.grid, self.num_classes, y0, self.weight.device)
         if wprobs is not None:
             self.buffer.add(self.grid.ys[tile.row], self.grid.xs[tile.col], wprobs, self.weight, valid)
         if tile.col == strip.cols[-1]:
             self._flush(tile.row)
 
     def _flush(self, row: int) -> None:
-        grid, buf = self.grid, self.buffer
+        grid, buf, partial = self.grid, self.buffer, self.partial
         target = grid.height if row == len(grid.ys) - 1 else grid.ys[row + 1] // BLOCK * BLOCK
         if target <= buf.y0:
             return
+        t0 = time.perf_counter()
+        chunks = []
         for y0 in range(buf.y0, target, BLOCK):  # buf.y0 is block-aligned: every chunk is a block row
             p, v = buf.blended(y0, min(y0 + BLOCK, target))
-            classes = np.where(v, p.argmax(axis=0), NODATA).astype(np.uint8)
-            p8 = np.where(v, np.rint(p * 255.0), 0).astype(np.uint8) if self.with_probs else None
-            self.partial.save_chunk(y0 // BLOCK, buf.strip.index, classes, p8)
+            classes = _to_host(first_argmax(p).masked_fill_(~v, NODATA))
+            p8 = _to_host(torch.round(p * 255.0).to(torch.uint8).masked_fill_(~v, 0)) if self.with_probs else None
+            chunks.append((y0 // BLOCK, classes, p8))
         buf.slide(target)
-        self.partial.record(Progress.after_flush(grid, self.strips, buf.strip, target))
+        self.flush_s += time.perf_counter() - t0
+        strip = buf.strip
+        for band, classes, p8 in chunks:
+            self.writer.submit(functools.partial(partial.save_chunk, band, strip.index, classes, p8))
+        # recorded only after the chunks it counts are on disk: the writer runs its jobs in order
+        self.writer.submit(functools.partial(partial.record, Progress.after_flush(grid, self.strips, strip, target)))
 
 
 class ScenePredictor:
@@ -154,10 +199,13 @@ class ScenePredictor:
             (:func:`seglstm.utils.device.resolve_inference_precision`). ``auto`` is bf16 on CUDA (fp16 where
             bf16 is unsupported) and on a CPU with native bf16 GEMMs (AVX512-BF16 or AMX), float32 on other
             CPUs, where bf16 is emulated and slower. The mLSTM cell runs in float32 under any of them.
-        weight_floor: smallest blending weight, at a window's corner.
+        weight_floor: smallest blending weight per axis, at a window's edge (default 1e-3: no seams).
         buffer_mb: memory for the strip buffer, which sets the strip width (never below two tiles).
         strip_width: force a strip width (multiple of 256) instead of deriving it from ``buffer_mb``.
         progress: show a tqdm progress bar.
+
+    After ``predict``, ``profile`` holds its host seconds per phase (see ``PROFILE_PHASES``), for finding
+    where a run's time goes (``benchmarks/scene_pipeline.py``).
     """
 
     def __init__(
@@ -173,7 +221,7 @@ class ScenePredictor:
         batch_size: int = 4,
         device: str | torch.device = "auto",
         precision: InferencePrecision = "auto",
-        weight_floor: float = 0.1,
+        weight_floor: float = WEIGHT_FLOOR,
         buffer_mb: float = 512.0,
         strip_width: int | None = None,
         progress: bool = True,
@@ -212,10 +260,22 @@ class ScenePredictor:
         log.info("precision %s on %s (--precision %s)", _DTYPE_NAMES[self.amp_dtype], self.device, precision)
         self.weight_floor, self.buffer_mb = weight_floor, buffer_mb
         self.strip_width, self.progress = strip_width, progress
+        self.profile = dict.fromkeys(PROFILE_PHASES, 0.0)
+        self._digest_cache: tuple[tuple | None, str] | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def _digest(self) -> str:
+        """:func:`_model_digest`, hashed again only when a weight changed (its storage or its in-place version
+        counter): hashing vil_s's weights costs about a second, which would count against every scene."""
+        key = None
+        if isinstance(self.model, nn.Module):
+            key = tuple((name, t.data_ptr(), t._version) for name, t in self.model.state_dict().items())
+        if key is None or self._digest_cache is None or self._digest_cache[0] != key:
+            self._digest_cache = (key, _model_digest(self.model))
+        return self._digest_cache[1]
 
     def _strip_width(self, grid: TileGrid, n_bands: int, itemsize: int) -> int:
         if self.strip_width is not None:
@@ -265,6 +325,7 @@ class ScenePredictor:
             input_options: STAC assets, nodata override, reprojection.
         """
         started = time.perf_counter()
+        self.profile = dict.fromkeys(PROFILE_PHASES, 0.0)
         in_name, out_path = os.fspath(input_path), Path(output_path)
         spec_vec = VectorSpec(Path(vector)) if isinstance(vector, (str, os.PathLike)) else vector
         products = Products(
@@ -279,6 +340,8 @@ class ScenePredictor:
 
         with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), open_input(in_name, input_options or InputOptions()) as source:
             bands = self._check_source(source, bands, allow_no_crs)
+            if spec_vec is not None:  # before inference, not after it
+                check_georef(spec_vec, source.crs, bool(source.gcps[0]))
             scaling = compute_scaling(source, bands, scale_spec)
             grid = plan_tiles(source.height, source.width, self.tile, self.overlap)
             strip_width = self._strip_width(grid, len(bands), np.dtype(source.dtypes[0]).itemsize)
@@ -289,16 +352,19 @@ class ScenePredictor:
                 "tile": self.tile, "overlap": self.overlap, "batch_size": self.batch_size,
                 "strip_width": strip_width, "weight_floor": self.weight_floor, "probs": probs_path is not None,
                 "device": self.device.type, "precision": _DTYPE_NAMES[self.amp_dtype],
-                "model": _model_digest(self.model),
+                "model": self._digest(),
             })
             progress = partial.start(resume)
             tiles = plan_run(grid, strips)
             if progress.next_tile < len(tiles):
-                reader = _WindowReader(source, bands, Normaliser(scaling, self.mean, self.std), grid, strips)
-                self._run(reader, tiles, partial, grid, strips, with_probs=probs_path is not None)
+                reader = _WindowReader(source, bands, grid, strips)
+                normalise = Normaliser(scaling, self.mean, self.std, self.device)
+                self._run(reader, normalise, tiles, partial, grid, strips, with_probs=probs_path is not None)
             gcps, gcp_crs = source.gcps
             georef = Georef(source.crs, source.transform, list(gcps), gcp_crs)
+            t0 = time.perf_counter()
             write_rasters(partial, grid, strips, products, georef, self.classes, self.palette)
+            self.profile["assemble"] += time.perf_counter() - t0
         polygons = 0
         if spec_vec is not None:
             polygons = write_vector(out_path, spec_vec, self.classes, progress=self.progress)
@@ -343,6 +409,12 @@ class ScenePredictor:
                     f"input {path} has {src.count} band(s) but the model takes {n_in}; choose them with --bands"
                 )
             bands = list(range(1, n_in + 1))
+            if src.count > n_in:  # never silently: a B,G,R,NIR scene would otherwise run as if it were RGB
+                log.warning(
+                    "input %s has %d bands and the model takes %d: using bands %s and dropping %s; choose "
+                    "others with --bands", path, src.count, n_in, ", ".join(src.band_names[:n_in]),
+                    ", ".join(src.band_names[n_in:]),
+                )
         bands = [int(b) for b in bands]
         bad = [b for b in bands if not 1 <= b <= src.count]
         if bad:
@@ -363,8 +435,8 @@ class ScenePredictor:
         return bands
 
     # --------------------------------------------------------------------------------------- inference
-    def _forward(self, batch: np.ndarray, weight: torch.Tensor) -> np.ndarray:
-        x = torch.from_numpy(batch).to(self.device, non_blocking=True)
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's logits ``(B, K, h, w)`` for a normalised batch, on the device, checked."""
         with torch.inference_mode(), torch.autocast(
             self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
         ):
@@ -377,13 +449,36 @@ class ScenePredictor:
                 f"{expected}: {self.num_classes} classes as in the palette ({', '.join(self.classes)}), "
                 "at the input resolution"
             )
-        probs = torch.softmax(logits.float(), dim=1)
-        del logits  # one batch-sized tensor fewer at the peak
-        return probs.mul_(weight).cpu().numpy()
+        return logits
+
+    def _batches(self, read: Callable[[Tile], tuple[np.ndarray, np.ndarray, np.ndarray]], normalise: Normaliser,
+                 tiles: list[Tile], start: int, device: torch.device) -> Iterator[_Batch]:
+        """The batches from ``start`` on, read, stacked, moved to the device and normalised there (in the
+        reader thread: on CUDA its kernels queue on the same default stream as the model's, so they are
+        ordered before the forward that uses them)."""
+        pin = device.type == "cuda"
+        if pin:
+            torch.cuda.set_device(device)  # the current device is per thread
+        for b0 in range(start, len(tiles), self.batch_size):
+            batch = tiles[b0 : b0 + self.batch_size]
+            inputs = [read(t) for t in batch]
+            live = [i for i, (_, _, v) in enumerate(inputs) if v.any()]  # all-nodata windows add nothing
+
+            def to_device(arrays: list[np.ndarray]) -> torch.Tensor:
+                return _host_tensor(np.stack(arrays), pin).to(device, non_blocking=True)
+
+            x = None
+            if live:
+                raw, ok = to_device([inputs[i][0] for i in live]), to_device([inputs[i][1] for i in live])
+                t0 = time.perf_counter()
+                x = normalise(raw, ok)
+                self.profile["normalise"] += time.perf_counter() - t0
+            yield _Batch(batch, live, x, to_device([v for _, _, v in inputs]))
 
     def _run(
         self,
-        read: Callable[[Tile], tuple[np.ndarray, np.ndarray]],
+        read: Callable[[Tile], tuple[np.ndarray, np.ndarray, np.ndarray]],
+        normalise: Normaliser,
         tiles: list[Tile],
         partial: PartialRun,
         grid: TileGrid,
@@ -391,23 +486,44 @@ class ScenePredictor:
         *,
         with_probs: bool,
     ) -> None:
-        weight_np = window_weight(grid.tile_h, grid.tile_w, self.weight_floor)
-        weight = torch.from_numpy(weight_np).to(self.device)
-        blender = _Blender(partial, grid, strips, self.num_classes, weight_np, with_probs)
-        progress = partial.progress
+        dev, prof = self.device, self.profile
+        if dev.type == "cuda" and dev.index is None:  # the reader thread must use the caller's device
+            dev = torch.device("cuda", torch.cuda.current_device())
+        weight = torch.from_numpy(window_weight(grid.tile_h, grid.tile_w, self.weight_floor)).to(dev)
+        progress = partial.progress  # as loaded: what the chunks held when this run started
         start = progress.first_batch(self.batch_size)
         bar = tqdm(total=len(tiles), initial=start, unit="tile", desc="predict-scene", disable=not self.progress)
-        with bar:
-            for b0 in range(start, len(tiles), self.batch_size):
-                batch = tiles[b0 : b0 + self.batch_size]
-                inputs = [read(t) for t in batch]
-                live = [i for i, (_, v) in enumerate(inputs) if v.any()]  # all-nodata windows add nothing
-                out = self._forward(np.stack([inputs[i][0] for i in live]), weight) if live else []
-                results = dict(zip(live, out))
-                for i, tile in enumerate(batch):
+        produce = functools.partial(self._batches, read, normalise, tiles, start, dev)
+        with bar, Writer() as writer, Prefetcher(produce) as batches:
+            blender = _Blender(partial, progress, grid, strips, self.num_classes, weight, with_probs, writer)
+            waited = time.perf_counter()
+            for batch in batches:
+                t0 = time.perf_counter()
+                prof["read_wait"] += t0 - waited
+                results: dict[int, torch.Tensor] = {}
+                if batch.live:
+                    logits = self._forward(batch.x)
+                    t1 = time.perf_counter()
+                    batch.x = None
+                    probs = torch.softmax(logits.float(), dim=1)
+                    del logits  # one batch-sized tensor fewer at the peak
+                    results = dict(zip(batch.live, probs.mul_(weight)))
+                    prof["forward"] += t1 - t0
+                    t0 = t1
+                for i, tile in enumerate(batch.tiles):
                     bar.update(1)
                     if not progress.accounted(tile.index):
-                        blender.add(tile, results.get(i), inputs[i][1])
+                        blender.add(tile, results.get(i), batch.valid[i])
+                results.clear()
+                prof["blend"] += time.perf_counter() - t0
+                waited = time.perf_counter()
+            closing = time.perf_counter()
+        # the flushes (and the hand-overs to the writer in them) ran inside the blend's time
+        prof["blend"] -= blender.flush_s + writer.wait_s
+        prof["flush"] += blender.flush_s
+        prof["write_wait"] += writer.wait_s + time.perf_counter() - closing
+        prof["reader"] += batches.busy_s
+        prof["writer"] += writer.busy_s
 
 
 def predict_scene(

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from seglstm.inference.scene.errors import SceneError
 from seglstm.inference.scene.source import SceneInput
@@ -94,22 +95,34 @@ def compute_scaling(
 
 
 class Normaliser:
-    """Scaling to 0..255 then ``(x - mean) / std``; bands without a value at a pixel get 0 (the mean)."""
+    """Scaling to 0..255 then ``(x - mean) / std``; bands without a value at a pixel get 0 (the mean).
+
+    It runs as torch ops on ``device`` (the model's), on a batch ``(B, C, h, w)`` of raw values, so only
+    the raw values and the validity masks cross to the device; the constants are computed in NumPy float32
+    as the host arithmetic always was, so the result is the same float32 on any device.
+    """
 
     def __init__(
-        self, scaling: tuple[list[float], list[float]] | None, mean: Sequence[float], std: Sequence[float]
+        self,
+        scaling: tuple[list[float], list[float]] | None,
+        mean: Sequence[float],
+        std: Sequence[float],
+        device: torch.device | str = "cpu",
     ) -> None:
+        def put(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(a, np.float32)).to(device)
+
         self.low = self.gain = None
         if scaling is not None:
             low, high = (np.asarray(v, np.float32)[:, None, None] for v in scaling)
-            self.low, self.gain = low, np.float32(TRAIN_RANGE) / (high - low)
-        self.mean = np.asarray(mean, np.float32)[:, None, None]
-        self.inv_std = (1.0 / np.asarray(std, np.float64)).astype(np.float32)[:, None, None]
+            self.low, self.gain = put(low), put(np.float32(TRAIN_RANGE) / (high - low))
+        self.mean = put(np.asarray(mean, np.float32)[:, None, None])
+        self.inv_std = put((1.0 / np.asarray(std, np.float64)).astype(np.float32)[:, None, None])
 
-    def __call__(self, raw: np.ndarray, band_valid: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        x = raw.astype(np.float32)
+    def __call__(self, raw: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+        """``raw`` values and ``ok`` (the band has a value at a valid pixel), both ``(..., C, h, w)``."""
+        x = raw.to(torch.float32)
         if self.low is not None:
-            x = np.clip((x - self.low) * self.gain, 0.0, TRAIN_RANGE)
+            x = ((x - self.low) * self.gain).clamp_(0.0, TRAIN_RANGE)
         x = (x - self.mean) * self.inv_std
-        x[~(band_valid & valid[None])] = 0.0
-        return x
+        return x.masked_fill_(~ok, 0.0)

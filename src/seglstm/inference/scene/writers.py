@@ -4,6 +4,11 @@ the PNG preview, each written under a temporary name and renamed only when compl
 A Cloud-Optimized GeoTIFF cannot be written block by block (GDAL's COG driver only copies a finished
 dataset), so a COG is first assembled as a tiled GeoTIFF inside the partial run and then copied by the COG
 driver, which builds the overviews (mode for classes, average for probabilities) with GDAL's bounded cache.
+
+Class names are the class raster's GDAL category names, so GIS legends show names rather than numbers.
+A GeoTIFF has no place for them inside the file: GDAL keeps them in its PAM sidecar ``NAME.tif.aux.xml``
+(``<CategoryNames>``), where GDAL (``gdalinfo``), QGIS and ArcGIS read them, so that sidecar is written
+(atomically) beside the class raster; the names are also in the file's ``classes`` tag (JSON).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +30,7 @@ from rasterio.windows import Window
 
 from seglstm.inference.scene.outputs import PartialRun
 from seglstm.inference.scene.plan import BLOCK, Strip, TileGrid
-from seglstm.utils.io import atomic_path
+from seglstm.utils.io import atomic_path, atomic_write_text
 
 NODATA = 255  # class value written where the input has no data
 
@@ -80,6 +86,17 @@ def _cog_copy(tiff: Path, final: Path, resampling: str) -> None:
         )
 
 
+def write_category_names(raster: Path, classes: Sequence[str]) -> Path:
+    """GDAL's PAM sidecar of ``raster`` naming its categories (value i: ``classes[i]``); returns its path."""
+    root = ET.Element("PAMDataset")
+    names = ET.SubElement(ET.SubElement(root, "PAMRasterBand", band="1"), "CategoryNames")
+    for name in classes:
+        ET.SubElement(names, "Category").text = name
+    sidecar = raster.with_name(raster.name + ".aux.xml")
+    atomic_write_text(sidecar, ET.tostring(root, encoding="unicode") + "\n")
+    return sidecar
+
+
 def write_rasters(
     partial: PartialRun,
     grid: TileGrid,
@@ -132,6 +149,7 @@ def write_rasters(
                     ry = np.arange(-(-y0 // step) * step, y0 + chunk.shape[0], step)
                     rx = np.arange(-(-strip.x0 // step) * step, strip.x1, step)
                     preview[np.ix_(ry // step, rx // step)] = chunk[np.ix_(ry - y0, rx - strip.x0)]
+    write_category_names(products.classes, classes)
     if products.cog:
         with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True):
             _cog_copy(tmp_out, products.classes, "MODE")
