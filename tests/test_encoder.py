@@ -34,15 +34,6 @@ def test_layer_matches_reference(reverse, backend):
     assert ((own - ref).abs().max() / ref.abs().max()).item() < 1e-6
 
 
-def test_old_import_paths_name_the_same_objects():
-    import seglstm.models.mlstm as old_cell
-    import seglstm.models.vision_lstm as old_vil
-    from seglstm.models import vil
-
-    assert old_vil.VisionLSTM is VisionLSTM and old_vil.checkpoint_filter_fn is vil.checkpoint_filter_fn
-    assert old_cell.mlstm is vil.mlstm and old_cell.wants_triton is vil.wants_triton
-
-
 def test_reverse_block_is_flipped_forward_block():
     gen = torch.Generator().manual_seed(11)
     fwd = ViLBlock(16, reverse=False, chunk_size=8).double()

@@ -1,11 +1,12 @@
-"""The fast chunkwise paths against independent references.
+"""The fast chunkwise paths against their references.
 
-- our chunkwise kernel vs mlstm_kernels' ``parallel--native_autograd`` and ``chunkwise--native_autograd``
-  (outputs and gradients of q, k, v, i, f) in float64 and float32;
+- our chunkwise kernel vs the stabilised parallel form (``seglstm.models.vil.mlstm.parallel``, itself tested
+  against the token-by-token formula in tests/test_mlstm.py) and vs mlstm_kernels'
+  ``chunkwise--native_autograd`` (outputs and gradients of q, k, v, i, f) in float64 and float32;
 - the hand-written backward of the chunk products vs autograd through a direct loop over chunks;
 - the fused ViL layer (feature-major, folded gate weights, q folded into k, norm absorbing the divisor)
   vs the layer's own reference forward (``ViLLayer.reference_forward``), outputs and all gradients;
-- the inference path (scratch buffers, in-place ops) vs the autograd path.
+- the inference path (layer buffers, in-place ops) vs the autograd path.
 """
 
 import collections
@@ -17,10 +18,9 @@ import torch.nn.functional as F
 from mlstm_kernels.torch import get_mlstm_kernel
 
 from seglstm.models.vil import ViLBlock, ViLLayer, VisionLSTM, mlstm, wants_triton
-from seglstm.models.vil.mlstm import _ChunkwiseProducts
+from seglstm.models.vil.mlstm import _ChunkwiseProducts, parallel
 from seglstm.models.vil.workspace import workspace
 
-PARALLEL = get_mlstm_kernel("parallel--native_autograd")
 CHUNKWISE = get_mlstm_kernel("chunkwise--native_autograd")
 
 GATES = {  # (mean, std) of the input and forget gate pre-activations
@@ -67,7 +67,7 @@ def test_chunkwise_matches_mlstm_kernels_float64(gates, seq, chunk):
     inputs, weight = _cell_inputs(seq, gates, zlib.crc32(f"{gates}{seq}{chunk}".encode()))
     ours_h, ours_g = _value_and_grads(lambda *t: mlstm(*t, chunk_size=chunk, eps=0.0), inputs, weight)
     par_h, par_g = _value_and_grads(
-        lambda q, k, v, i, f: PARALLEL(q=q, k=k, v=v, i=i, f=f, eps=0.0), inputs, weight
+        lambda *t: parallel(*t, eps=0.0), inputs, weight
     )
     assert _rel(ours_h, par_h) < 1e-6
     for name, g, ref in zip("qkvif", ours_g, par_g):
@@ -83,7 +83,7 @@ def test_chunkwise_matches_mlstm_kernels_float64(gates, seq, chunk):
 
 def test_chunkwise_float32_neutral_gates_within_1e5_of_float64():
     inputs, weight = _cell_inputs(192, "neutral", 11)
-    ref_h, ref_g = _value_and_grads(lambda q, k, v, i, f: PARALLEL(q=q, k=k, v=v, i=i, f=f), inputs, weight)
+    ref_h, ref_g = _value_and_grads(parallel, inputs, weight)
     inputs32 = [t.detach().float().requires_grad_() for t in inputs]
     h, grads = _value_and_grads(lambda *t: mlstm(*t, chunk_size=32), inputs32, weight.float())
     assert h.dtype == torch.float32
@@ -96,17 +96,17 @@ def test_chunkwise_float32_neutral_gates_within_1e5_of_float64():
 def test_chunkwise_float32_error_is_that_of_the_reference_kernels(gates):
     """Ill-conditioned gates cost every float32 kernel accuracy; ours must not lose more than they do."""
     inputs, weight = _cell_inputs(128, gates, zlib.crc32(gates.encode()))
-    ref_h, ref_g = _value_and_grads(lambda q, k, v, i, f: PARALLEL(q=q, k=k, v=v, i=i, f=f), inputs, weight)
+    ref_h, ref_g = _value_and_grads(parallel, inputs, weight)
     inputs32 = [t.detach().float().requires_grad_() for t in inputs]
     errors = {}
     for name, fn in {
         "ours": lambda *t: mlstm(*t, chunk_size=32),
         "native_chunkwise": lambda *t: _native_chunkwise(*t, 32, 1e-6),
-        "native_parallel": lambda q, k, v, i, f: PARALLEL(q=q, k=k, v=v, i=i, f=f),
+        "parallel": parallel,
     }.items():
         h, grads = _value_and_grads(fn, inputs32, weight.float())
         errors[name] = max([_rel(h, ref_h)] + [_rel(g, r) for g, r in zip(grads, ref_g)])
-    assert errors["ours"] < 3 * max(errors["native_chunkwise"], errors["native_parallel"], 1e-6), errors
+    assert errors["ours"] < 3 * max(errors["native_chunkwise"], errors["parallel"], 1e-6), errors
 
 
 def _products_reference(q, k, v1, w, sigma, decay, dmat):
@@ -168,7 +168,7 @@ def _randomize(module: torch.nn.Module, seed: int) -> None:
 @pytest.mark.parametrize("seq", [24, 21])
 def test_fused_layer_outputs_and_gradients_match_reference(reverse, seq):
     """Fused path vs the layer's reference forward: with the same chunkwise cell (the same stabilisers: the
-    fusion alone must not change a bit more than rounding), and with mlstm_kernels' parallel cell (an
+    fusion alone must not change a bit more than rounding), and with the parallel cell (an
     independent cell, outputs and every gradient), which runs in the fused layout too."""
     layer = ViLLayer(16, reverse=reverse, chunk_size=8).double()
     _randomize(layer, seq + reverse)

@@ -75,6 +75,6 @@ def test_failed_compile_warns_naming_the_kernel_and_runs_eager(monkeypatch):
     layer = _layer(5)
     x = torch.randn(1, 64, 64, generator=torch.Generator().manual_seed(6))
     eager = _run(layer, x, "0", monkeypatch)
-    with pytest.warns(RuntimeWarning, match=r"norm_skip_gate could not be compiled .*no C\+\+ compiler; this call"):
+    with pytest.warns(RuntimeWarning, match=r"norm_skip_gate_into could not be compiled .*no C\+\+ compiler; this call"):
         got = _run(layer, x, "1", monkeypatch)
     assert (got - eager).abs().max() / eager.abs().max() < 1e-5

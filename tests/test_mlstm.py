@@ -1,5 +1,5 @@
-"""The mLSTM cell backends against each other and against the formula of docs/design.md, section 4
-(tests/references/mlstm.py)."""
+"""The mLSTM cell backends against each other, and the in-package parallel form (their reference) against
+the formula of docs/design.md, section 4, written out token by token (tests/references/mlstm.py)."""
 
 import zlib
 
@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from seglstm.models.vil import mlstm
+from seglstm.models.vil.mlstm import parallel
 from tests.references.mlstm import reference_mlstm
 
 
@@ -30,14 +31,21 @@ GATES = {
 }
 
 
-def test_parallel_equals_reference_formula():
-    gen = torch.Generator().manual_seed(1)
-    for name, (ig, fg) in GATES.items():
-        q, k, v, i, f = _inputs(37, gen, ig, fg)
-        with torch.no_grad():
-            got = mlstm(q, k, v, i, f, backend="parallel")
-            ref = reference_mlstm(q, k, v, i, f)
-        assert _rel(got, ref) < 1e-10, name
+@pytest.mark.parametrize("gates", sorted(GATES))
+def test_parallel_equals_reference_formula_outputs_and_gradients(gates):
+    """The in-package parallel form (the reference of every fast path) against the token-by-token loop of
+    tests/references/mlstm.py, both differentiated by autograd."""
+    gen = torch.Generator().manual_seed(zlib.crc32(gates.encode()))
+    inputs = _inputs(23, gen, *GATES[gates])
+    weight = torch.randn(2, 2, 23, 8, generator=gen, dtype=torch.float64)
+    got = parallel(*inputs)
+    ref = reference_mlstm(*inputs)
+    assert _rel(got, ref) < 1e-10
+    assert _rel(mlstm(*inputs, backend="parallel"), ref) < 1e-10  # the backend runs it
+    got_g = torch.autograd.grad((got * weight).sum(), inputs)
+    ref_g = torch.autograd.grad((ref * weight).sum(), inputs)
+    for name, g, r in zip("qkvif", got_g, ref_g):
+        assert _rel(g, r) < 1e-9, name
 
 
 @pytest.mark.parametrize("gates", sorted(GATES))

@@ -1,5 +1,5 @@
-"""The mLSTM implementations behind one call signature (B, NH, S, D): mlstm_kernels' Triton forward made safe
-for every shape, and its parallel and recurrent kernels; ours is ``seglstm.models.vil.mlstm.chunkwise``."""
+"""The mlstm_kernels implementations behind ``mlstm()``'s call signature (B, NH, S, D): its Triton forward made
+safe for every shape, and its recurrent kernel; ours are in ``seglstm.models.vil.mlstm``."""
 
 from __future__ import annotations
 
@@ -67,11 +67,6 @@ def triton_chunkwise(q, k, v, i, f, *, chunk_size: int, eps: float) -> torch.Ten
         q=q, k=k, v=v, i=i, f=f, chunk_size=chunk, eps=eps, autocast_kernel_dtype=torch.float32
     )
     return h[:, :, :seq, :dv]
-
-
-def parallel(q, k, v, i, f, *, eps: float) -> torch.Tensor:
-    """The quadratic form the seed runs: mlstm_kernels' ``parallel--native_autograd``."""
-    return _kernel("parallel--native_autograd")(q=q, k=k, v=v, i=i, f=f, eps=eps)
 
 
 def recurrent(q, k, v, i, f, *, eps: float) -> torch.Tensor:

@@ -8,7 +8,8 @@
   ``kernel="triton"`` runs the Triton kernels on CPU tensors through Triton's interpreter (the GPU code
   path, for tests). A Triton failure is decided per call: ``auto`` warns naming the shape and runs our
   kernel for that call, ``triton`` raises; nothing is switched off for later calls.
-- ``parallel``: the quadratic form the seed runs (``mlstm_kernels`` ``parallel--native_autograd``).
+- ``parallel``: the quadratic form the seed runs (``seglstm.models.vil.mlstm.parallel``, the reference the
+  other kernels are tested against).
 - ``recurrent``: step by step (``mlstm_kernels`` ``native_sequence__native``); slow, a reference.
 
 Precision: whatever autocast is active, the cell runs in float32 (float64 stays float64) with autocast
@@ -25,7 +26,7 @@ from typing import Literal
 import torch
 
 from seglstm.models.vil import backends
-from seglstm.models.vil.mlstm import chunkwise
+from seglstm.models.vil.mlstm import chunkwise, parallel
 
 Backend = Literal["chunkwise", "parallel", "recurrent"]
 KernelChoice = Literal["auto", "native", "triton"]
@@ -109,5 +110,5 @@ def mlstm(
         if backend == "chunkwise":
             return _chunkwise(q, k, v, i, f, chunk_size=chunk_size, eps=eps, kernel=kernel).to(dtype)
         if backend == "parallel":
-            return backends.parallel(q, k, v, i, f, eps=eps)
+            return parallel(q, k, v, i, f, eps=eps)
         return backends.recurrent(q, k, v, i, f, eps=eps)

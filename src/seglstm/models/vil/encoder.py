@@ -9,6 +9,7 @@ Vision-LSTM v1 classification checkpoints (``blocks.{i}``) go through ``checkpoi
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -151,18 +152,14 @@ class VisionLSTM(nn.Module):
         # add would run strided. One copy here makes the whole trunk token-major.
         x = x.reshape(b, hp * wp, c).contiguous()
         outs = []
-        if torch.is_grad_enabled() or self.training:
-            for stage in self.stages:
-                for block in stage:
-                    x = block(x)
-                outs.append(x.view(b, hp, wp, c))
-            return outs
-        # Inference: layers share scratch buffers, and residual sums after a stage's first block go in place
-        # (the first one must not overwrite the previous stage's output).
-        with workspace():
+        # Inference: the layers share one set of buffers (seglstm.models.vil.workspace), and residual sums
+        # after a stage's first block go in place (the first one must not overwrite the previous stage's
+        # output, which the caller gets).
+        inference = not torch.is_grad_enabled()
+        with workspace() if inference else contextlib.nullcontext():
             for stage in self.stages:
                 for j, block in enumerate(stage):
-                    x = x.add_(block.layer(block.norm(x))) if j else block(x)
+                    x = block(x, inplace=inference and j > 0)
                 outs.append(x.view(b, hp, wp, c))
         return outs
 

@@ -1,5 +1,5 @@
-"""The ViL layer and block (docs/design.md, section 3): the reference forward step by step, the choice of the
-fused CPU path beside it, and the precision policy under autocast."""
+"""The ViL layer and block (docs/design.md, section 3): the reference forward step by step, the forward that
+runs (``seglstm.models.vil.fused``), and the precision policy under autocast."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from seglstm.models.vil.dispatch import (
     KernelChoice,
     autocast_off,
     state_dtype,
-    wants_triton,
 )
 from seglstm.models.vil.fused import fused_forward
 from seglstm.models.vil.modules import BlockDiagonalLinear, CausalConv1d, MLSTMCell, OffsetLayerNorm
@@ -26,9 +25,9 @@ from seglstm.models.vil.modules import BlockDiagonalLinear, CausalConv1d, MLSTMC
 class ViLLayer(nn.Module):
     """The mLSTM layer of a ViL block, scanning in one direction (docs/design.md, section 3).
 
-    ``reference_forward`` is the layer's math step by step through its submodules; ``forward`` runs the
-    same function through the fused path (``seglstm.models.vil.fused``), except when the chunkwise cell
-    runs mlstm_kernels' Triton kernel (CUDA inference), which takes token-major q, k, v.
+    ``reference_forward`` is the layer's math step by step through its submodules, the reference the fused
+    path is tested against; ``forward`` runs the same function through the fused path
+    (``seglstm.models.vil.fused``) on every device, with and without autograd.
     """
 
     def __init__(
@@ -81,10 +80,7 @@ class ViLLayer(nn.Module):
         autocast = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
         amp = torch.get_autocast_dtype(dev) if autocast else None
         with autocast_off(dev):
-            x = x.to(state_dtype(self.proj_up.weight))
-            if self.mlstm_backend == "chunkwise" and wants_triton(x, self.mlstm_kernel):
-                return self.reference_forward(x, amp)
-            return fused_forward(self, x, amp)
+            return fused_forward(self, x.to(state_dtype(self.proj_up.weight)), amp)
 
     def reference_forward(self, x: torch.Tensor, amp: torch.dtype | None = None) -> torch.Tensor:
         """docs/design.md, section 3, step by step: (B, S, d) -> (B, S, d). ``amp``: the dtype of the two
@@ -108,7 +104,11 @@ def _project(linear: nn.Linear, x: torch.Tensor, amp: torch.dtype | None) -> tor
 
 
 class ViLBlock(nn.Module):
-    """Pre-norm residual block: ``x + drop_path(layer(norm(x)))``."""
+    """Pre-norm residual block: ``x + drop_path(layer(norm(x)))``.
+
+    ``forward(x, inplace=True)`` adds the residual into x itself (inference, for a caller that owns x, such
+    as the encoder's trunk after a stage's first block): no fresh tensor per block.
+    """
 
     def __init__(self, dim: int, reverse: bool, drop_path: float = 0.0, **layer_kwargs: Any) -> None:
         super().__init__()
@@ -116,5 +116,8 @@ class ViLBlock(nn.Module):
         self.layer = ViLLayer(dim, reverse=reverse, **layer_kwargs)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.drop_path(self.layer(self.norm(x)))
+    def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        if inplace and torch.is_grad_enabled():
+            raise ValueError("ViLBlock(inplace=True) overwrites its input: only without autograd")
+        out = self.drop_path(self.layer(self.norm(x)))
+        return x.add_(out) if inplace else x + out

@@ -1,14 +1,16 @@
-"""The mLSTM cell's math in the form the project runs (docs/design.md, section 4): chunkwise, stabilised, with
-its backward pass. Everything else in this package calls into it or chooses it.
+"""The mLSTM cell's math (docs/design.md, section 4): the stabilised parallel form, plain, the reference every
+fast path is tested against; and the chunkwise form the project runs, with its backward pass. Everything
+else in this package calls into it or chooses it.
 
-Parallel form, one head, S tokens, head dim D (the definition; tests/references/mlstm.py spells it out):
+Parallel form, one head, S tokens, head dim D (``parallel``; tests/references/mlstm.py spells it out once
+more, token by token):
 
     F_t = sum_{s<=t} logsigmoid(f_s)          log D_ts = F_t - F_s + i_s  (s <= t, else -inf)
     m_t = max_s log D_ts                       C_ts = q_t . k_s / sqrt(D) * exp(log D_ts - m_t)
     n_t = max(|sum_s C_ts|, exp(-m_t))         h_t = sum_s C_ts v_s / (n_t + eps)
 
-Chunkwise form: cut the sequence into NC chunks of L tokens. Within chunk c, with b_l the cumulative log
-forget gate from the chunk start (``cum``) and g = b_L the chunk's total decay:
+Chunkwise form (``chunkwise``): cut the sequence into NC chunks of L tokens. Within chunk c, with b_l the
+cumulative log forget gate from the chunk start (``cum``) and g = b_L the chunk's total decay:
 
     intra-chunk:  P_c = (Q_c^T K_c) * Dmat_c,  Dmat_ls = exp(b_l - b_s + i_s - m_l) for s <= l
     state:        E_0 = 0,  E_{c+1} = V1_c (K_c w_c)^T + decay_c E_c,  w_s = exp(g - b_s + i_s - M_c)
@@ -21,8 +23,8 @@ float64. h = num / max(|den|, exp(-m)) + eps (``normaliser``).
 
 Layout: feature-major (head dim before the sequence): the projections write their outputs straight into
 the layout the GEMMs read. The products run as a fixed number of batched GEMMs over all (batch, head,
-chunk) with autograd and on CUDA; CPU inference loops over (batch, head) into scratch buffers (faster
-there, see ``_products_looped``).
+chunk) with autograd and on CUDA; CPU inference loops over (batch, head) into the buffers of a
+``CellBuffers`` (faster there, see ``_products_looped``).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from seglstm.models.vil.workspace import scratch
+from seglstm.models.vil.workspace import CellBuffers
 
 
 def chunk_length(seq: int, chunk_size: int) -> int:
@@ -44,6 +46,29 @@ def chunk_length(seq: int, chunk_size: int) -> int:
 
 def _next_pow2(n: int) -> int:
     return 1 << max(n - 1, 1).bit_length()
+
+
+def parallel(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """The stabilised parallel form (module docstring), as the NX-AI Vision-LSTM code writes it: O(S^2)
+    time and memory per head, differentiated by autograd. ``mlstm_backend="parallel"`` runs it.
+
+    Args:
+        q, k, v: (B, NH, S, D) queries, keys, values (q . k is scaled by D**-0.5 here).
+        i, f: (B, NH, S) input and forget gate pre-activations.
+    Returns:
+        h: (B, NH, S, D).
+    """
+    seq, d = q.shape[2], q.shape[3]
+    log_f = F.logsigmoid(f).cumsum(-1)  # F_t
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril_()
+    log_fg = torch.where(causal, log_f[..., :, None] - log_f[..., None, :], -float("inf"))  # F_t - F_s
+    log_d = log_fg + i[..., None, :]  # (B, NH, S, S): log D_ts
+    m = log_d.amax(-1, keepdim=True)  # row max: the stabiliser m_t
+    c = (q @ k.transpose(-2, -1)) * d**-0.5 * torch.exp(log_d - m)  # C_ts
+    n = torch.maximum(c.sum(-1, keepdim=True).abs(), torch.exp(-m))
+    return (c / (n + eps)) @ v
 
 
 def _chunks(t: torch.Tensor, num_chunks: int) -> torch.Tensor:
@@ -94,7 +119,13 @@ def _stabilisers(lf: torch.Tensor, i: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def chunkwise_feature_major(
-    q: torch.Tensor, k: torch.Tensor, v1: torch.Tensor, i: torch.Tensor, f: torch.Tensor, chunk_size: int
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v1: torch.Tensor,
+    i: torch.Tensor,
+    f: torch.Tensor,
+    chunk_size: int,
+    buffers: CellBuffers | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunkwise mLSTM on feature-major operands, returning the numerator, denominator and stabiliser.
 
@@ -106,6 +137,8 @@ def chunkwise_feature_major(
         v1: (B, NH, Dv + 1, S), values with a last row of ones (it yields the denominator).
         i, f: (B, NH, S) gate pre-activations.
         chunk_size: chunk length L; S must be a multiple of it.
+        buffers: where CPU inference writes its intermediates and ``out`` (new ones when None); only
+            without autograd.
     Returns:
         out: (B, NH, Dv + 1, NC, L) chunked view, rows :Dv the stabilised numerator, row Dv the stabilised
             denominator (stored chunk-major: the sequence is not one stride).
@@ -116,6 +149,12 @@ def chunkwise_feature_major(
         raise ValueError(f"sequence length {seq} is not a multiple of chunk_size {chunk_size}")
     nc, L = seq // chunk_size, chunk_size
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v1, i, f))
+    if grad and buffers is not None:
+        raise ValueError("chunkwise_feature_major: buffers are for inference, but autograd is recording")
+    if not grad and q.is_cpu and buffers is None:
+        buffers = CellBuffers.allocate(bsz, nh, q.shape[2], v1.shape[2], nc, L, q)
+    elif buffers is not None:
+        buffers.check(bsz, nh, q.shape[2], v1.shape[2], nc, L, q)
 
     st = _stabilisers(F.logsigmoid(f.reshape(bsz, nh, nc, L)), i.reshape(bsz, nh, nc, L))
     cum, m_prev = st["cum"], st["m_prev"].unsqueeze(-1)
@@ -124,9 +163,8 @@ def chunkwise_feature_major(
     if grad:
         log_d = (cum.unsqueeze(-1) - cum.unsqueeze(-2)) + (i + past.log())
     else:
-        log_d = torch.sub(
-            cum.unsqueeze(-1), cum.unsqueeze(-2), out=scratch("cell.log_d", (bsz, nh, nc, L, L), q)
-        )
+        out = None if buffers is None else buffers.log_d
+        log_d = torch.sub(cum.unsqueeze(-1), cum.unsqueeze(-2), out=out)
         log_d = log_d.add_(i).add_(past.log())  # (B, NH, NC, L, L): b_l - b_s + i_s, -inf for s > l
     m = torch.maximum(cum + m_prev, log_d.amax(-1))  # per-token stabiliser
     if grad:
@@ -138,33 +176,31 @@ def chunkwise_feature_major(
     decay = _exp(st["g"] + st["m_prev"] - st["m_state"])  # (B, NH, NC): state carry-over factor
     if grad:
         out = _ChunkwiseProducts.apply(q, k, v1, w, sigma, decay, dmat)
-    elif q.is_cpu:
-        out = _products_looped(q, k, v1, w, sigma, decay, dmat)
+    elif buffers is not None:
+        out = _products_looped(q, k, v1, w, sigma, decay, dmat, buffers)
     else:
         out = _products_batched(q, k, v1, w, sigma, decay, dmat)[0]
     return out.transpose(2, 3), m
 
 
-def _products_looped(q, k, v1, w, sigma, decay, dmat) -> torch.Tensor:
+def _products_looped(q, k, v1, w, sigma, decay, dmat, buffers: CellBuffers) -> torch.Tensor:
     """The GEMM part of the chunkwise form for CPU inference, given the gate weights (see
-    ``_ChunkwiseProducts``); returns out (B, NH, NC, Dv1, L) in a scratch buffer.
+    ``_ChunkwiseProducts``); returns out (B, NH, NC, Dv1, L) in ``buffers.out``.
 
     Runs bmm calls (per head, or one for all, see ``_gemm_batches``) on strided chunk views of the
     feature-major inputs (torch.matmul would copy the non-mergeable (B, NH, NC) batch) into contiguous
-    chunk-major scratch buffers: with a contiguous result PyTorch hands the whole batch to one MKL batched
+    chunk-major buffers: with a contiguous result PyTorch hands the whole batch to one MKL batched
     GEMM, with a strided one it loops over single-matrix GEMMs, each a separate (and, under load, slow)
     thread synchronisation. Measured faster on the CPU than ``_products_batched``; on CUDA the Python loop
     over (batch, head) would be thousands of tiny kernel launches, so CUDA never takes this path.
     """
-    bsz, nh, d, _ = q.shape
-    dv1, nc, L = v1.shape[2], dmat.shape[2], dmat.shape[3]
-    kg = torch.mul(k, w, out=scratch("cell.kg", k.shape, k))
-    qs = torch.mul(q, sigma, out=scratch("cell.qs", q.shape, q))
+    bsz, nh = q.shape[:2]
+    nc = dmat.shape[2]
+    kg = torch.mul(k, w, out=buffers.kg)
+    qs = torch.mul(q, sigma, out=buffers.qs)
     qc, kc, v1c, kgc, qsc = (_chunks(t, nc) for t in (q, k, v1, kg, qs))
     # States are kept as (Dv + 1, D) = V^T K: the inter-chunk product is then a plain NN GEMM.
-    states = scratch("cell.states", (bsz, nh, nc, dv1, d), q)
-    qk = scratch("cell.qk", (bsz, nh, nc, L, L), q)
-    out = scratch("cell.out", (bsz, nh, nc, dv1, L), q)
+    states, qk, out = buffers.states, buffers.qk, buffers.out
     batches = _gemm_batches(bsz, nh, nc)
     for sel in batches:
         torch.bmm(sel(v1c), sel(kgc).transpose(1, 2), out=sel(states))

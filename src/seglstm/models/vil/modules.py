@@ -1,5 +1,5 @@
 """The ViL layer's submodules (docs/design.md, section 3); their forward methods are the reference forward
-of the layer, step by step in the token-major layout (B, S, C), that the fused CPU path is tested against."""
+of the layer, step by step in the token-major layout (B, S, C), that the fused path is tested against."""
 
 from __future__ import annotations
 
