@@ -439,7 +439,7 @@ def test_cli_with_a_real_checkpoint_matches_the_model_on_a_one_window_scene(tmp_
     output must be the model's own argmax on the normalised image."""
     import seglstm
     from seglstm.cli.main import main as cli
-    from seglstm.training.task import META_KEY
+    from seglstm.config import META_KEY
 
     classes, pal = ["background", "building", "road", "water"], palette(4)
     model = seglstm.create_model("seglstm_fcn_t", num_classes=4).eval()

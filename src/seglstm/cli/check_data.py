@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
 def data_init_args(config: Path) -> dict[str, Any]:
     """The SegDataModule arguments of a LightningCLI YAML (``data.init_args`` or a plain ``data`` mapping),
     after the same ``_base_`` composition ``seglstm fit`` applies."""
-    from seglstm.training.config import compose_config
+    from seglstm.config import compose_config
 
     doc = compose_config(config)
     data = doc.get("data")

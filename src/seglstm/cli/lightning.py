@@ -1,6 +1,6 @@
 """``seglstm fit|validate|test|predict``: LightningCLI over :class:`SegmentationTask` and ``SegDataModule``.
 
-Config files are LightningCLI YAML with mmseg-style ``_base_`` lists (see :mod:`seglstm.training.config`);
+Config files are LightningCLI YAML with mmseg-style ``_base_`` lists (see :mod:`seglstm.config`);
 dotted overrides (``--trainer.max_steps 100``, ``--model.model_kwargs '{depths: [1,1,1,1]}'``) and
 ``--print_config`` work as in any LightningCLI. On top of LightningCLI this entry point:
 
@@ -43,6 +43,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from seglstm.config import ConfigError, check_class_paths, compose_config, has_bases
 from seglstm.data.io import DataError, check_complete
 from seglstm.data.registry import dataset_meta
 from seglstm.models.checkpoint import CheckpointMismatchError, load_pretrained
@@ -54,7 +55,6 @@ from seglstm.training.callbacks import (
     TrainingInterrupted,
     read_index,
 )
-from seglstm.training.config import ConfigError, check_class_paths, compose_config, has_bases
 from seglstm.training.faults import NonFiniteLossError, RunDirectoryError, probe_dir
 from seglstm.training.optim import check_schedule
 from seglstm.training.task import SegmentationTask

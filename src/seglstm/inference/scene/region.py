@@ -230,7 +230,7 @@ class _Group:
             return
         import torch.distributed as dist
 
-        from seglstm.training.faults import restart_scoped_store
+        from seglstm.utils.distributed import restart_scoped_store
 
         store = restart_scoped_store(JOIN_TIMEOUT)
         if store is None:  # no torchrun agent store: rank 0 serves one at MASTER_ADDR:MASTER_PORT
