@@ -23,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from seglstm.errors import SeglstmError
+
 BASE_KEY = "_base_"
 META_KEY = "seglstm_meta"
 """Checkpoint key (and exported-model metadata name) of the data facts inference needs: written by
@@ -30,7 +32,7 @@ META_KEY = "seglstm_meta"
 :mod:`seglstm.inference.export` and the ONNX scene backend."""
 
 
-class ConfigError(ValueError):
+class ConfigError(SeglstmError, ValueError):
     """A config file cannot be read or composed; the message names the file."""
 
 

@@ -46,6 +46,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from seglstm.config import ConfigError, check_class_paths, compose_config, has_bases
 from seglstm.data.io import DataError, check_complete
 from seglstm.data.registry import dataset_meta
+from seglstm.errors import SeglstmError
 from seglstm.models.checkpoint import CheckpointMismatchError, load_pretrained
 from seglstm.training._lightning_compat import SubcommandHooksCLI
 from seglstm.training.callbacks import (
@@ -65,7 +66,7 @@ SUBCOMMANDS = ("fit", "validate", "test", "predict")
 RUNS_DIR = "runs"
 
 
-class ConfigValueError(ValueError):
+class ConfigValueError(SeglstmError, ValueError):
     """A config value is wrong in a way jsonargparse's type checks cannot see (missing path, class count)."""
 
 
@@ -226,7 +227,7 @@ def _state_shapes(ckpt: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in (ckpt.get("state_dict") or {}).items() if hasattr(v, "shape")}
 
 
-class ConfigParseError(ValueError):
+class ConfigParseError(SeglstmError, ValueError):
     """jsonargparse rejected a key or value; raised instead of its usage dump (``--help`` still shows it)."""
 
 

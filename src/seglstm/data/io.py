@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from seglstm.utils.io import atomic_path
+from seglstm.errors import SeglstmError
 
 DEFAULT_MAX_PIXELS = 2**28
 """Largest ``height * width`` a reader decodes unless told otherwise (about 16k x 16k)."""
@@ -35,7 +36,7 @@ _PIL_OPEN_LOCK = threading.Lock()
 
 
 
-class DataError(ValueError):
+class DataError(SeglstmError, ValueError):
     """A data file is missing, unreadable or inconsistent; the message starts with the file's path."""
 
 
@@ -51,7 +52,7 @@ def item_error(err: Exception, path: str | Path, index: int) -> Exception:
     return DataError(f"{path}: item {index} failed to load: {type(err).__name__}: {err}")
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(SeglstmError, FileNotFoundError):
     """A dataset root or one of its required folders does not exist."""
 
 

@@ -34,6 +34,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
+from seglstm.errors import SeglstmError
 from seglstm.training._lightning_compat import init_process_group, process_group_timeout
 from seglstm.utils.distributed import restart_scoped_store
 from seglstm.utils.io import atomic_path
@@ -41,11 +42,11 @@ from seglstm.utils.io import atomic_path
 DDP_STRATEGIES = ("ddp", "ddp_spawn", "ddp_fork", "ddp_find_unused_parameters_true")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(SeglstmError, RuntimeError):
     """Too many consecutive training steps had a NaN/Inf loss or gradient."""
 
 
-class RunDirectoryError(RuntimeError):
+class RunDirectoryError(SeglstmError, RuntimeError):
     """A folder the run writes to is not writable or too full for the next checkpoint."""
 
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from seglstm.errors import SeglstmError
+
 
 def _file_mode() -> int:
     mask = os.umask(0)
@@ -62,7 +64,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-class CheckpointLoadError(RuntimeError):
+class CheckpointLoadError(SeglstmError, RuntimeError):
     """A checkpoint file cannot be loaded safely; the message names the file."""
 
 
