@@ -61,6 +61,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """``path`` holds ``text`` (UTF-8) or keeps its old content: never a half-written file (:func:`atomic_path`)."""
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
