@@ -394,7 +394,7 @@ def test_preview_is_the_decimated_colour_coded_map(tmp_path, rng):
 @pytest.fixture
 def fake_loader(monkeypatch):
     """Stand in for ``load_segmentor`` with a rule model, to drive the CLI quickly."""
-    loading = pytest.importorskip("seglstm.inference.loading")
+    from seglstm.inference import loading
     state = {"interrupt_after": None, "calls": []}
 
     def load_segmentor(ckpt_path, config_path=None, map_location="cpu", unsafe=False):
