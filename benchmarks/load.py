@@ -97,8 +97,8 @@ def make_checkpoint(path: Path, seed: int = 0) -> None:
     import lightning
     import torch
 
+    from seglstm.config import META_KEY
     from seglstm.models.registry import create_model
-    from seglstm.training.task import META_KEY
 
     register_model()
     torch.manual_seed(seed)

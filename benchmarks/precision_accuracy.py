@@ -64,8 +64,8 @@ COLUMNS = ["variant", "mIoU", "mAcc", "aAcc", "delta_mIoU", "agreement", "meets"
 def load_run(run: str | os.PathLike, ckpt: str | os.PathLike | None = None,
              data_root: str | None = None) -> tuple[Any, Any]:
     """``(task, datamodule)`` of a ``seglstm fit`` run folder, the task in eval mode on the CPU."""
+    from seglstm.config import compose_config
     from seglstm.data.datamodule import SegDataModule
-    from seglstm.training.config import compose_config
     from seglstm.training.task import SegmentationTask
 
     run = Path(run)

@@ -79,7 +79,7 @@ def test_export_cli_vil_segmentor_onnx_within_1e4_and_pt2(tmp_path):
     """The real ViL segmentor (chunkwise mLSTM) through `seglstm export` and `predict-scene --onnx`."""
     import seglstm
     from seglstm.cli.main import main as cli
-    from seglstm.training.task import META_KEY
+    from seglstm.config import META_KEY
 
     torch.manual_seed(2)
     kwargs = dict(depths=[1, 1, 1, 1], patch_size=8, img_size=64, channels=32, aux_cfg={"channels": 16})

@@ -325,9 +325,9 @@ def test_timm_names_offline_and_local_file(tmp_path, monkeypatch):
 
 
 def test_rebuilding_a_trained_checkpoint_does_not_fetch_its_start_weights(published, server, registry, tmp_path):
+    from seglstm.config import META_KEY
     from seglstm.inference.loading import load_segmentor
     from seglstm.models.registry import create_model
-    from seglstm.training.task import META_KEY
 
     def seglstm_fcn_pt_tiny(**kwargs):
         return _create_seglstm("fcn", "vil_pt_tiny", **kwargs)

@@ -16,22 +16,22 @@ from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
 from seglstm.cli.main import main as seglstm
+from seglstm.config import ClassPathError, check_class_paths
 from seglstm.data.datamodule import SegDataModule
 from seglstm.data.io import DataError
 from seglstm.inference.loading import load_segmentor
 from seglstm.models.checkpoint import load_pretrained
 from seglstm.training.callbacks import RunCheckpoint
-from seglstm.training.config import ClassPathError, check_class_paths
 from seglstm.training.faults import (
     ElasticDDPStrategy,
     NonFiniteGuard,
     NonFiniteLossError,
     RunDirectoryError,
     probe_dir,
-    restart_scoped_store,
 )
 from seglstm.training.task import SegmentationTask
 from seglstm.training.trainer import SegTrainer
+from seglstm.utils.distributed import restart_scoped_store
 from seglstm.utils.io import CorruptCheckpointError, UnsafeCheckpointError, torch_load
 from tests.reliability_helpers import RelTinySeg, make_synth, malicious_checkpoint, write_config
 

@@ -13,10 +13,10 @@ import yaml
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 from seglstm.cli.main import main as seglstm
+from seglstm.config import META_KEY
 from seglstm.inference.loading import load_segmentor
 from seglstm.models.checkpoint import load_pretrained
 from seglstm.training.callbacks import StepProgressBar
-from seglstm.training.task import META_KEY
 from seglstm.utils.io import CorruptCheckpointError, torch_load
 from tests.reliability_helpers import RelTinySeg, damage, make_synth, write_config
 

@@ -27,11 +27,11 @@ from PIL import Image
 from rasterio.transform import Affine
 
 from seglstm.cli.main import main as seglstm
+from seglstm.config import META_KEY
 from seglstm.data.convert import LABEL_COLOURS
 from seglstm.inference.loading import load_segmentor
 from seglstm.models.checkpoint import load_pretrained
 from seglstm.training.faults import LOCK_NAME, RunLock
-from seglstm.training.task import META_KEY
 from seglstm.utils.io import torch_load
 from tests.reliability_helpers import (
     MOMENTS,

@@ -394,7 +394,7 @@ def test_preview_is_the_decimated_colour_coded_map(tmp_path, rng):
 @pytest.fixture
 def fake_loader(monkeypatch):
     """Stand in for ``load_segmentor`` with a rule model, to drive the CLI quickly."""
-    loading = pytest.importorskip("seglstm.inference.loading")
+    from seglstm.inference import loading
     state = {"interrupt_after": None, "calls": []}
 
     def load_segmentor(ckpt_path, config_path=None, map_location="cpu", unsafe=False):
@@ -439,7 +439,7 @@ def test_cli_with_a_real_checkpoint_matches_the_model_on_a_one_window_scene(tmp_
     output must be the model's own argmax on the normalised image."""
     import seglstm
     from seglstm.cli.main import main as cli
-    from seglstm.training.task import META_KEY
+    from seglstm.config import META_KEY
 
     classes, pal = ["background", "building", "road", "water"], palette(4)
     model = seglstm.create_model("seglstm_fcn_t", num_classes=4).eval()

@@ -65,7 +65,7 @@ def _expected(raw: np.ndarray) -> np.ndarray:
 
 @pytest.fixture
 def fake_loader(monkeypatch):
-    loading = pytest.importorskip("seglstm.inference.loading")
+    from seglstm.inference import loading
     state = {"models": []}
 
     def load_segmentor(ckpt_path, config_path=None, map_location="cpu", unsafe=False):

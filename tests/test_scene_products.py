@@ -269,7 +269,7 @@ class PatchRuleModel(RuleModel):
 
 @pytest.fixture
 def fake_loader(monkeypatch):
-    loading = pytest.importorskip("seglstm.inference.loading")
+    from seglstm.inference import loading
 
     def load_segmentor(ckpt_path, config_path=None, map_location="cpu", unsafe=False):
         meta = dict(classes=["a", "b", "c", "d"], palette=[(i * 40, 0, 0) for i in range(4)], mean=MEAN3,

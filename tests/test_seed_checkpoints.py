@@ -1,5 +1,7 @@
-"""The seed's mmseg 1.2.1 checkpoint layout (key names and shapes of all 10 ViL-S presets, recorded in
-shared/reference/seed_checkpoint_keys.json) loads into our presets with strict=True."""
+"""The seed's mmseg 1.2.1 checkpoint layout loads into our presets with strict=True.
+
+The fixture is the key list (names and shapes) of all 10 ViL-S presets, read from the seed's configs built
+with mmseg 1.2.1 at the commit its ``info`` records."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import torch
 from seglstm.models import seglstm as _presets  # noqa: F401  (registers the seglstm_* presets)
 from seglstm.models.registry import create_model
 
-REFERENCE = Path(__file__).resolve().parent / "fixtures" / "seed_checkpoint_keys.json"  # copy of shared/reference
+REFERENCE = Path(__file__).resolve().parent / "fixtures" / "seed_checkpoint_keys.json"
 SEED = json.loads(REFERENCE.read_text())["presets"]
 
 

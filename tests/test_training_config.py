@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from seglstm.cli.main import main as seglstm
-from seglstm.training.config import ConfigError, compose_config, merge_config
+from seglstm.config import ConfigError, compose_config, merge_config
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 

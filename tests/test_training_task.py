@@ -14,11 +14,12 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from seglstm.config import META_KEY
 from seglstm.inference.loading import load_segmentor
 from seglstm.metrics import SegmentationMetrics
 from seglstm.training.callbacks import RunCheckpoint, SegPredictionWriter, TestReportWriter
 from seglstm.training.optim import WarmupPoly
-from seglstm.training.task import META_KEY, SegmentationTask
+from seglstm.training.task import SegmentationTask
 from seglstm.training.trainer import SegTrainer
 from seglstm.utils.io import torch_load
 

@@ -5,9 +5,13 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from seglstm.errors import SeglstmError  # no dependencies: ``except seglstm.SeglstmError`` costs nothing
+
 __version__ = "0.1.0"
-__all__ = ["create_encoder", "create_model", "list_encoders", "list_models", "load_pretrained"]
-_SUBPACKAGES = ("cli", "data", "inference", "metrics", "models", "study", "training", "utils")
+
+__all__ = ["SeglstmError", "create_encoder", "create_model", "list_encoders", "list_models", "load_pretrained"]
+_MODEL_API = ("create_encoder", "create_model", "list_encoders", "list_models", "load_pretrained")
+_SUBPACKAGES = ("cli", "config", "data", "inference", "metrics", "models", "study", "training", "utils")
 
 if TYPE_CHECKING:
     from seglstm.models import create_encoder, create_model, list_encoders, list_models, load_pretrained
@@ -16,7 +20,7 @@ if TYPE_CHECKING:
 def __getattr__(name: str) -> Any:
     """The model API, imported on first use: ``import seglstm`` (and the ``seglstm`` console entry) must
     not load torch before the thread settings are in the environment (seglstm.utils.threads)."""
-    if name in __all__:
+    if name in _MODEL_API:
         from seglstm import models
 
         return getattr(models, name)

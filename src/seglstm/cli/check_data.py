@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from seglstm.errors import SeglstmError
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -40,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
 def data_init_args(config: Path) -> dict[str, Any]:
     """The SegDataModule arguments of a LightningCLI YAML (``data.init_args`` or a plain ``data`` mapping),
     after the same ``_base_`` composition ``seglstm fit`` applies."""
-    from seglstm.training.config import compose_config
+    from seglstm.config import compose_config
 
     doc = compose_config(config)
     data = doc.get("data")
@@ -81,7 +83,7 @@ def main(argv: list[str]) -> int:
     overrides = data_overrides(extra, parser)
     from seglstm.data import SegDataModule
     from seglstm.data.check import band_statistics, check_dataset, statistics_yaml
-    from seglstm.data.io import DataError, DatasetNotFoundError, check_complete
+    from seglstm.data.io import check_complete
 
     try:
         init = {**data_init_args(args.config), **overrides}
@@ -92,7 +94,7 @@ def main(argv: list[str]) -> int:
             # the statistics are what the config lacks: read raw values with a neutral normalisation
             init.update(mean=[0.0] * len(init["bands"]), std=[1.0] * len(init["bands"]))
         module = SegDataModule(**init)
-    except (ValueError, TypeError, DataError, DatasetNotFoundError) as err:  # ConfigError is a ValueError
+    except (SeglstmError, ValueError, TypeError) as err:
         print(f"seglstm check-data: {args.config}: {err}", file=sys.stderr)
         return 1
     splits = args.split or (["train"] if args.stats else list(dict.fromkeys(["train", "val", module.test_split])))
@@ -105,7 +107,7 @@ def main(argv: list[str]) -> int:
             continue
         try:
             dataset = module.build_split(split)
-        except (ValueError, DataError, DatasetNotFoundError) as err:
+        except (SeglstmError, ValueError) as err:
             problems.append(f"{split}: {err}")
             continue
         report = check_dataset(dataset, num_workers=args.workers, progress=not args.quiet)

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from seglstm.errors import SeglstmError
+
 PROG = "seglstm demo"
 REPO_CONFIG = Path(__file__).resolve().parents[3] / "configs" / "demo.yaml"
 TARGET_MIOU = 0.60
@@ -47,7 +49,7 @@ QUICK = {
 GRID_SAMPLES = 6
 
 
-class DemoError(RuntimeError):
+class DemoError(SeglstmError, RuntimeError):
     """A demo stage failed; the message says which and where its output is."""
 
 

@@ -149,7 +149,7 @@ def main(args: argparse.Namespace) -> int:
         times["map"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        from seglstm.training.config import compose_config
+        from seglstm.config import compose_config
 
         crop = tuple(compose_config(config)["data"]["crop_size"])
         held = score_held_out(scenes_yaml, class_map, crop, HELD_OUT)

@@ -7,6 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+from seglstm.errors import SeglstmError
+
 PROG = "seglstm export"
 
 
@@ -34,9 +36,8 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"{PROG}: %(message)s")
     from seglstm.inference.export import export_segmentor
-    from seglstm.inference.loading import SegmentorLoadError, load_segmentor
-    from seglstm.models.checkpoint import CheckpointMismatchError
-    from seglstm.utils.io import CheckpointLoadError, blocking_file
+    from seglstm.inference.loading import load_segmentor
+    from seglstm.utils.io import blocking_file
 
     out = Path(args.out) if args.out else Path(args.ckpt).with_suffix(f".{args.format}")
     try:
@@ -47,7 +48,7 @@ def main(argv: list[str]) -> int:
             raise ValueError(f"--out {out}: {blocker} is a file, not a folder; choose another --out")
         model, meta = load_segmentor(args.ckpt, args.config, map_location="cpu", unsafe=args.unsafe_load)
         written = export_segmentor(model, meta, out, tile=args.tile, fmt=args.format, batch=args.batch)
-    except (ValueError, FileNotFoundError, SegmentorLoadError, CheckpointMismatchError, CheckpointLoadError) as err:
+    except (SeglstmError, ValueError, FileNotFoundError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
     logging.getLogger(__name__).info("%s model, %dx%d tiles -> %s", args.format, args.tile, args.tile, written)

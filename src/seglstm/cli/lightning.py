@@ -1,6 +1,6 @@
 """``seglstm fit|validate|test|predict``: LightningCLI over :class:`SegmentationTask` and ``SegDataModule``.
 
-Config files are LightningCLI YAML with mmseg-style ``_base_`` lists (see :mod:`seglstm.training.config`);
+Config files are LightningCLI YAML with mmseg-style ``_base_`` lists (see :mod:`seglstm.config`);
 dotted overrides (``--trainer.max_steps 100``, ``--model.model_kwargs '{depths: [1,1,1,1]}'``) and
 ``--print_config`` work as in any LightningCLI. On top of LightningCLI this entry point:
 
@@ -43,8 +43,10 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from seglstm.config import ConfigError, check_class_paths, compose_config, has_bases
 from seglstm.data.io import DataError, check_complete
 from seglstm.data.registry import dataset_meta
+from seglstm.errors import SeglstmError
 from seglstm.models.checkpoint import CheckpointMismatchError, load_pretrained
 from seglstm.training._lightning_compat import SubcommandHooksCLI
 from seglstm.training.callbacks import (
@@ -54,7 +56,6 @@ from seglstm.training.callbacks import (
     TrainingInterrupted,
     read_index,
 )
-from seglstm.training.config import ConfigError, check_class_paths, compose_config, has_bases
 from seglstm.training.faults import NonFiniteLossError, RunDirectoryError, probe_dir
 from seglstm.training.optim import check_schedule
 from seglstm.training.task import SegmentationTask
@@ -65,7 +66,7 @@ SUBCOMMANDS = ("fit", "validate", "test", "predict")
 RUNS_DIR = "runs"
 
 
-class ConfigValueError(ValueError):
+class ConfigValueError(SeglstmError, ValueError):
     """A config value is wrong in a way jsonargparse's type checks cannot see (missing path, class count)."""
 
 
@@ -226,7 +227,7 @@ def _state_shapes(ckpt: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in (ckpt.get("state_dict") or {}).items() if hasattr(v, "shape")}
 
 
-class ConfigParseError(ValueError):
+class ConfigParseError(SeglstmError, ValueError):
     """jsonargparse rejected a key or value; raised instead of its usage dump (``--help`` still shows it)."""
 
 

@@ -12,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-from seglstm.utils.optional import MissingExtraError
+from seglstm.errors import SeglstmError
 from seglstm.utils.threads import add_omp_wait_policy, apply_omp_wait_policy, choose_inference_threads
 
 # command -> (module, one-line help)
@@ -85,9 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         if COMMANDS[cmd][0] == "seglstm.cli.lightning":
             return int(module.main([cmd, *rest]) or 0)
         return int(module.main(rest) or 0)
-    except MissingExtraError as err:  # an optional package the command needs: the one line to install it
+    except SeglstmError as err:  # one the command left to us (e.g. a missing extra): its line, not a traceback
         print(f"seglstm {cmd}: error: {err}", file=sys.stderr)
-        return 2
+        return err.exit_code
 
 
 if __name__ == "__main__":

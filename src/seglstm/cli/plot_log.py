@@ -17,6 +17,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from seglstm.errors import SeglstmError
 from seglstm.training.reports import save_figure
 
 PROG = "seglstm plot-log"
@@ -25,7 +26,7 @@ VAL_KEYS = ("val/mIoU", "val/mAcc", "val/aAcc")
 LR_KEY = "train/lr"
 
 
-class LogError(ValueError):
+class LogError(SeglstmError, ValueError):
     """No usable CSV log where the user pointed."""
 
 

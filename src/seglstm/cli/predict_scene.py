@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from seglstm.errors import SeglstmError
 from seglstm.inference.scene import (
     InputOptions,
     SceneError,
@@ -16,7 +17,6 @@ from seglstm.inference.scene import (
     parse_scale,
 )
 from seglstm.inference.scene.plan import default_tile, model_patch_size
-from seglstm.utils.io import CheckpointLoadError
 
 PROG = "seglstm predict-scene"
 log = logging.getLogger(__name__)
@@ -181,10 +181,6 @@ def main(argv: list[str]) -> int:
             parser.error(f"give one INPUT and OUTPUT.tif, or several inputs with --out-dir DIR; got {args.paths}")
         args.input, args.output = args.paths
     logging.basicConfig(level=logging.INFO, format=f"{PROG}: %(message)s")
-    # imported here: the loader pulls in every model and the training stack, which --help does not need
-    from seglstm.inference.loading import SegmentorLoadError
-    from seglstm.models.checkpoint import CheckpointMismatchError
-
     try:
         bands = None if args.bands is None else parse_bands(args.bands)
         scale = parse_scale(args.scale)
@@ -240,13 +236,7 @@ def main(argv: list[str]) -> int:
             vector=vector,
             input_options=options,
         )
-    except (
-        SceneError,
-        FileNotFoundError,
-        SegmentorLoadError,
-        CheckpointMismatchError,
-        CheckpointLoadError,
-    ) as err:
+    except (SeglstmError, FileNotFoundError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from seglstm.utils.io import atomic_path
+from seglstm.utils.io import atomic_path, atomic_write_text
+from seglstm.errors import SeglstmError
 
 DEFAULT_MAX_PIXELS = 2**28
 """Largest ``height * width`` a reader decodes unless told otherwise (about 16k x 16k)."""
@@ -35,7 +36,7 @@ _PIL_OPEN_LOCK = threading.Lock()
 
 
 
-class DataError(ValueError):
+class DataError(SeglstmError, ValueError):
     """A data file is missing, unreadable or inconsistent; the message starts with the file's path."""
 
 
@@ -51,7 +52,7 @@ def item_error(err: Exception, path: str | Path, index: int) -> Exception:
     return DataError(f"{path}: item {index} failed to load: {type(err).__name__}: {err}")
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(SeglstmError, FileNotFoundError):
     """A dataset root or one of its required folders does not exist."""
 
 
@@ -238,12 +239,6 @@ def write_png(path: str | Path, array: np.ndarray, compress_level: int = 6) -> N
         img.save(tmp, format="PNG", compress_level=compress_level)
 
 
-def write_text(path: str | Path, text: str) -> None:
-    """Atomically write a UTF-8 text file with the usual permissions."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
 def list_files(folder: Path, suffixes: Sequence[str]) -> list[Path]:
     """Files directly in ``folder`` whose suffix (case-insensitive) is one of ``suffixes``, sorted by name.
 
@@ -295,7 +290,7 @@ def mark_incomplete(folder: str | Path, command: str) -> Path:
     """Write the marker that says ``folder`` is a dataset still being written, and by which command (the
     writer removes it last, so a killed writer leaves it behind for :func:`check_complete` to report)."""
     marker = Path(folder) / INCOMPLETE_MARKER
-    write_text(marker, command + "\n")
+    atomic_write_text(marker, command + "\n")
     return marker
 
 

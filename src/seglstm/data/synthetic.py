@@ -25,8 +25,8 @@ import numpy as np
 import yaml
 from PIL import Image, ImageDraw, ImageFilter
 
-from seglstm.data.io import write_png, write_text
-from seglstm.utils.io import atomic_path
+from seglstm.data.io import write_png
+from seglstm.utils.io import atomic_path, atomic_write_text
 
 GENERATOR_VERSION = 1
 PIXEL_SCALE = 1.25
@@ -865,8 +865,8 @@ def generate(
         from seglstm.data.loveda import LoveDA
 
         spec = {"classes": list(CLASSES[1:]), "palette": [list(c) for c in LoveDA.palette], "reduce_zero_label": True}
-        write_text(out / "classes.yaml", yaml.safe_dump(spec, sort_keys=False))
-    write_text(meta_path, json.dumps(meta, indent=1, sort_keys=True) + "\n")
+        atomic_write_text(out / "classes.yaml", yaml.safe_dump(spec, sort_keys=False))
+    atomic_write_text(meta_path, json.dumps(meta, indent=1, sort_keys=True) + "\n")
     return out
 
 

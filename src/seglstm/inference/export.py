@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from seglstm.config import META_KEY
 from seglstm.inference.scene.plan import model_patch_size
 from seglstm.utils.io import atomic_path
 from seglstm.utils.optional import require
 
-META_KEY = "seglstm_meta"
 FORMATS = ("onnx", "pt2")
 
 

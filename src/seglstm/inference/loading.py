@@ -15,14 +15,14 @@ from typing import Any
 
 from torch import nn
 
+from seglstm.config import META_KEY, compose_config
+from seglstm.errors import SeglstmError
 from seglstm.models.checkpoint import load_pretrained
 from seglstm.models.registry import create_model
-from seglstm.training.config import compose_config
-from seglstm.training.task import META_KEY
 from seglstm.utils.io import torch_load
 
 
-class SegmentorLoadError(ValueError):
+class SegmentorLoadError(SeglstmError, ValueError):
     """The checkpoint and config do not say enough (or contradict each other) to rebuild the model."""
 
 

@@ -15,13 +15,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from seglstm.errors import SeglstmError
 from seglstm.models.pretrained import PretrainedWeightsError, resolve_pretrained
 from seglstm.utils.io import CheckpointLoadError, torch_load
 
 __all__ = ["CheckpointMismatchError", "LoadReport", "load_pretrained"]
 
 
-class CheckpointMismatchError(RuntimeError):
+class CheckpointMismatchError(SeglstmError, RuntimeError):
     """Keys or shapes of a checkpoint do not fit the model."""
 
 

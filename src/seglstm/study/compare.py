@@ -135,7 +135,7 @@ def load_study_data(path: str | Path, data_overrides: Mapping[str, Any] | None =
     ``--model-overrides`` decide. The warm-up keeps the config's share of its schedule (the seed's 1500 of
     15000 iterations when the file has no schedule).
     """
-    from seglstm.training.config import compose_config
+    from seglstm.config import compose_config
 
     path = Path(path)
     if not path.is_file():

@@ -36,6 +36,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelChe
 from lightning.pytorch.utilities import rank_zero_info
 
 from seglstm.data.folder import default_palette
+from seglstm.errors import SeglstmError
 from seglstm.training._lightning_compat import (
     last_saved_step,
     mark_validation_pending,
@@ -167,7 +168,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         _update_index(Path(path), None)
 
 
-class TrainingInterrupted(Exception):
+class TrainingInterrupted(SeglstmError):
     """Training stopped on SIGINT/SIGTERM after writing ``last.ckpt`` (the CLI exits 128 + signal number)."""
 
     def __init__(self, signal_name: str, step: int, path: str | None) -> None:

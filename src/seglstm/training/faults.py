@@ -34,17 +34,19 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
+from seglstm.errors import SeglstmError
 from seglstm.training._lightning_compat import init_process_group, process_group_timeout
+from seglstm.utils.distributed import restart_scoped_store
 from seglstm.utils.io import atomic_path
 
 DDP_STRATEGIES = ("ddp", "ddp_spawn", "ddp_fork", "ddp_find_unused_parameters_true")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(SeglstmError, RuntimeError):
     """Too many consecutive training steps had a NaN/Inf loss or gradient."""
 
 
-class RunDirectoryError(RuntimeError):
+class RunDirectoryError(SeglstmError, RuntimeError):
     """A folder the run writes to is not writable or too full for the next checkpoint."""
 
 
@@ -258,24 +260,6 @@ def probe_run_dirs(trainer: pl.Trainer, model: torch.nn.Module) -> list[Path]:
         for folder, need_bytes in folders.items():
             probe_dir(folder, need_bytes)
     return list(folders)
-
-
-def restart_scoped_store(timeout: timedelta) -> torch.distributed.Store | None:
-    """torchrun's shared store seen under a prefix unique to this restart, or None outside an elastic agent.
-
-    The elastic agent keeps one TCPStore for the whole job (static and c10d rendezvous alike, torch 2.14), and
-    ``init_process_group`` publishes each rank's address there under fixed key names. After a restart, a rank
-    can read the address its peer published in the previous attempt and fail with "Connection refused", or
-    wait for the store timeout. Scoping the keys by ``TORCHELASTIC_RESTART_COUNT`` keeps attempts apart, as
-    torch itself did before 2.4.
-    """
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or attempt is None:
-        return None
-    store = torch.distributed.TCPStore(
-        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout
-    )
-    return torch.distributed.PrefixStore(f"seglstm/restart_{attempt}", store)
 
 
 class ElasticDDPStrategy(DDPStrategy):

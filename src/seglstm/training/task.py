@@ -20,12 +20,12 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 
+from seglstm.config import META_KEY
 from seglstm.metrics import MEAN_KEYS, SegmentationMetrics
 from seglstm.models.registry import create_model, list_models
 from seglstm.training.optim import NO_DECAY_KEYS, build_adamw, build_warmup_poly, check_schedule
 from seglstm.training.reports import format_metrics_table
 
-META_KEY = "seglstm_meta"
 RNG_KEY = "seglstm_rng"
 
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from seglstm.errors import SeglstmError
+
 
 def _file_mode() -> int:
     mask = os.umask(0)
@@ -59,10 +61,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """``path`` holds ``text`` (UTF-8) or keeps its old content: never a half-written file (:func:`atomic_path`)."""
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-class CheckpointLoadError(RuntimeError):
+class CheckpointLoadError(SeglstmError, RuntimeError):
     """A checkpoint file cannot be loaded safely; the message names the file."""
 
 

@@ -11,6 +11,8 @@ import importlib
 import importlib.util
 from types import ModuleType
 
+from seglstm.errors import SeglstmError
+
 __all__ = ["EXTRAS", "MissingExtraError", "available", "missing_extra_message", "require"]
 
 # top-level import name -> the extra of pyproject.toml that installs it
@@ -26,8 +28,10 @@ EXTRAS: dict[str, str] = {
 }
 
 
-class MissingExtraError(ImportError):
+class MissingExtraError(SeglstmError, ImportError):
     """An optional package is not installed; the message names the ``pip install`` that adds it."""
+
+    exit_code = 2  # a usage problem, fixed by the install the message names
 
 
 def _extra(module: str) -> tuple[str, str]:

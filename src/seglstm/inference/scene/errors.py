@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from seglstm.errors import SeglstmError
 
-class SceneError(ValueError):
+
+class SceneError(SeglstmError, ValueError):
     """Bad scene input, arguments or partial state; the message names the file or argument."""

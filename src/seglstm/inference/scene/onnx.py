@@ -10,9 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from seglstm.config import META_KEY
 from seglstm.inference.scene.errors import SceneError
-
-META_KEY = "seglstm_meta"
 
 
 class OnnxSegmentor:

@@ -48,7 +48,7 @@ from seglstm.inference.scene.predictor import ScenePredictor
 from seglstm.inference.scene.source import is_remote, is_stac
 from seglstm.inference.scene.vector import VectorSpec, _layer_path
 from seglstm.inference.scene.writers import NODATA
-from seglstm.utils.io import atomic_path, atomic_write_text
+from seglstm.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ class _Group:
             return
         import torch.distributed as dist
 
-        from seglstm.training.faults import restart_scoped_store
+        from seglstm.utils.distributed import restart_scoped_store
 
         store = restart_scoped_store(JOIN_TIMEOUT)
         if store is None:  # no torchrun agent store: rank 0 serves one at MASTER_ADDR:MASTER_PORT
@@ -672,8 +672,7 @@ def write_vrt(
             "    </ComplexSource>",
         ]
     lines += ["  </VRTRasterBand>", "</VRTDataset>", ""]
-    with atomic_path(path) as tmp:
-        tmp.write_text("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
 
 
 def merge_vectors(path: Path, layers: Sequence[tuple[str, Path]], batch: int = 100_000) -> int:

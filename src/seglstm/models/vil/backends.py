@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from mlstm_kernels.torch import get_mlstm_kernel, get_mlstm_sequence_kernel
 
+from seglstm.errors import SeglstmError
 from seglstm.models.vil.mlstm import chunk_length
 
 _TRITON_CHUNKWISE = "chunkwise--triton_xl_chunk"
@@ -27,7 +28,7 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-class TritonTrainingError(RuntimeError):
+class TritonTrainingError(SeglstmError, RuntimeError):
     """Raised when autograd would run through mlstm_kernels' Triton backward (wrong gradients)."""
 
 

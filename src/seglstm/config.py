@@ -1,5 +1,6 @@
-"""mmseg-style ``_base_`` composition for our LightningCLI YAML configs.
+"""What training and inference both read: config composition and the checkpoint's metadata key.
 
+Config composition: mmseg-style ``_base_`` for our LightningCLI YAML configs.
 A config may start with ``_base_: [file, ...]`` (paths relative to the config's own folder). The bases are
 composed in order, then the file's own keys on top, merged as mmengine merges its configs: mappings merge
 key by key at every depth, so a file that sets only ``model.model_kwargs.img_size`` keeps the rest of its
@@ -8,6 +9,10 @@ the base's mapping instead of merging into it (mmengine's ``_delete_=True``). A 
 ``class_path`` than the base's is a different object and replaces it too (its ``init_args`` would not fit).
 The CLI hands the composed mapping to jsonargparse, which validates it as usual (``--print_config`` shows
 it); :func:`seglstm.inference.loading.load_segmentor` reads the same composition.
+
+Checkpoint metadata: :data:`META_KEY` is where ``seglstm fit`` checkpoints, exported programs and ONNX
+models record the data facts inference needs (classes, palette, normalisation, ``test_cfg``, the model).
+This module imports neither torch nor the training stack, so inference can use it without them.
 """
 
 from __future__ import annotations
@@ -18,10 +23,16 @@ from typing import Any
 
 import yaml
 
+from seglstm.errors import SeglstmError
+
 BASE_KEY = "_base_"
+META_KEY = "seglstm_meta"
+"""Checkpoint key (and exported-model metadata name) of the data facts inference needs: written by
+:class:`seglstm.training.task.SegmentationTask`, read by :func:`seglstm.inference.loading.load_segmentor`,
+:mod:`seglstm.inference.export` and the ONNX scene backend."""
 
 
-class ConfigError(ValueError):
+class ConfigError(SeglstmError, ValueError):
     """A config file cannot be read or composed; the message names the file."""
 
 
