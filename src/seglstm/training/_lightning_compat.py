@@ -17,19 +17,12 @@ import lightning
 import torch
 from lightning.fabric.utilities import distributed as fabric_distributed
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loops import _FitLoop, _TrainingEpochLoop
 from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader
 
 # (owner, name, parameter names after self (None: an attribute or property), why we need it)
 PRIVATE_USES: list[tuple[Any, str, tuple[str, ...] | None, str]] = [
-    (LightningCLI, "_prepare_subcommand_parser", ("klass", "subcommand"),
-     "arguments of one sub-command only (test/predict --out): add_arguments_to_parser is not told which"),
-    (LightningCLI, "_parse_ckpt_path", (),
-     "Lightning lets a checkpoint's hyper-parameters override the config and fails on weights-only files; "
-     "seglstm applies the reverse rule and resolves last/best/--auto-resume itself"),
-    (LightningCLI, "_subcommand_parsers", None, "the defaults of one sub-command's parser"),
     (ModelCheckpoint, "_monitor_candidates", ("trainer",), "the metrics a save at the last step formats into its name"),
     (ModelCheckpoint, "_save_topk_checkpoint", ("trainer", "monitor_candidates"),
      "a save at the last step that keeps top-k bookkeeping (the seed saves at 15000 whatever the interval)"),
@@ -82,32 +75,6 @@ def compat_problems() -> list[str]:
 
 def versions() -> str:
     return f"lightning {lightning.__version__}, torch {torch.__version__}"
-
-
-class SubcommandHooksCLI(LightningCLI):
-    """LightningCLI with two public-named hooks in place of its private ones:
-
-    - :meth:`add_subcommand_arguments` ``(parser, subcommand)`` after each sub-command parser is built;
-    - :meth:`resolve_checkpoint` instead of Lightning's ``_parse_ckpt_path`` (see :data:`PRIVATE_USES`).
-    """
-
-    def add_subcommand_arguments(self, parser: LightningArgumentParser, subcommand: str) -> None:
-        """Add arguments to one sub-command's parser (default: none)."""
-
-    def resolve_checkpoint(self) -> None:
-        """Resolve ``ckpt_path`` before the classes are instantiated (default: nothing)."""
-
-    def subcommand_defaults(self, subcommand: str) -> Any:
-        """The defaults of ``subcommand``'s parser (a jsonargparse Namespace)."""
-        return self._subcommand_parsers[subcommand].get_defaults()
-
-    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
-        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
-        self.add_subcommand_arguments(parser, subcommand)
-        return parser
-
-    def _parse_ckpt_path(self) -> None:
-        self.resolve_checkpoint()
 
 
 def save_topk_and_last(callback: ModelCheckpoint, trainer: Any) -> None:
