@@ -235,7 +235,7 @@ class SegArgumentParser(LightningArgumentParser):
 
     Args:
         for_subcommand: the sub-command this parser reads (given through LightningCLI's per-sub-command
-            ``parser_kwargs``), so ``add_arguments_to_parser`` can add that sub-command's own options.
+            ``parser_kwargs``), so the CLI can add that sub-command's own options to it.
     """
 
     def __init__(self, *args: Any, for_subcommand: str | None = None, **kwargs: Any) -> None:
@@ -291,10 +291,9 @@ class SegLightningCLI(LightningCLI):
 
     Only public hooks: each sub-command's parser is a :class:`SegArgumentParser` told its sub-command
     (``parser_kwargs``), so :meth:`add_arguments_to_parser` can record it and :meth:`setup_parser` add
-    ``test/predict --out``; the checkpoint is
-    resolved in :meth:`parse_arguments` and kept out of the config until :meth:`before_instantiate_classes`,
-    so Lightning's own checkpoint parsing (hyper-parameters over the config, full checkpoints only) never
-    sees it.
+    ``test/predict --out``; the checkpoint is resolved in :meth:`parse_arguments` and kept out of the config
+    until :meth:`before_instantiate_classes`, so Lightning's own checkpoint parsing (hyper-parameters over
+    the config, full checkpoints only) never sees it.
     """
 
     def __init__(
