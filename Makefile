@@ -6,7 +6,7 @@ QUICK ?=
 
 CONSTRAINTS := constraints.txt
 
-.PHONY: setup test test-slow test-all demo lint clean constraints
+.PHONY: setup test test-slow test-all test-lightning-latest demo lint clean constraints
 
 # Every extra, at the exact versions of constraints.txt, so both commands are reproducible and the suite
 # covers the optional features too.
@@ -28,6 +28,25 @@ test-slow: setup
 test-all: setup
 	$(PY) -m pytest
 
+# The Lightning-facing tests (training loop, callbacks, checkpoints, CLI, signals, DDP) against the newest
+# Lightning on the package index, beside the locked one, so a release that breaks users' installs shows up
+# in CI first. Everything else stays at constraints.txt (the dev and tensorboard extras: what these tests
+# import); the venv is kept between runs (pip only upgrades). About 3 min on a 2-core CPU, install included.
+LATEST_VENV := .venv-latest
+LATEST_PKGS := lightning pytorch-lightning lightning-utilities torchmetrics
+LATEST_RE := ^(lightning|pytorch-lightning|lightning-utilities|torchmetrics)==
+LIGHTNING_TESTS := tests/test_lightning_compat.py tests/test_data_order.py tests/test_training_task.py \
+	tests/test_training_checkpoints.py tests/test_training_ddp.py tests/test_cli_lightning.py \
+	tests/test_reliability_cli.py tests/test_reliability_signals.py tests/test_reliability_resume.py \
+	tests/test_reliability_lock.py
+test-lightning-latest:
+	test -x $(LATEST_VENV)/bin/python || python3 -m venv $(LATEST_VENV)
+	grep -v -i -E '$(LATEST_RE)' $(CONSTRAINTS) > $(LATEST_VENV)/constraints-unlocked.txt
+	$(LATEST_VENV)/bin/python -m pip install -q -c $(LATEST_VENV)/constraints-unlocked.txt -e '.[dev,tensorboard]'
+	$(LATEST_VENV)/bin/python -m pip install -q -c $(LATEST_VENV)/constraints-unlocked.txt -U $(LATEST_PKGS)
+	$(LATEST_VENV)/bin/python .ci/lightning_versions.py $(CONSTRAINTS) $(LATEST_PKGS)
+	$(LATEST_VENV)/bin/python -m pytest -m "not slow" $(LIGHTNING_TESTS)
+
 demo: setup
 	$(VENV)/bin/seglstm demo $(if $(QUICK),--quick,)
 
@@ -44,4 +63,4 @@ constraints:
 	rm -rf $(VENV)-lock
 
 clean:
-	rm -rf runs build *.egg-info src/*.egg-info $(VENV)-lock
+	rm -rf runs build *.egg-info src/*.egg-info $(VENV)-lock $(LATEST_VENV)

@@ -12,6 +12,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import TQDMProgressBar
 
+from seglstm.cli.lightning import SegLightningCLI
 from seglstm.cli.main import main as seglstm
 from seglstm.config import META_KEY
 from seglstm.inference.loading import load_segmentor
@@ -122,3 +123,33 @@ def test_predict_without_logger_keeps_the_run_config(trained: tuple[Path, Path, 
     assert seglstm(["predict", "--config", str(cfg), "--ckpt_path", "last", "--out", str(tmp_path / "p"),
                     "--data.predict_root", str(data / "img_dir" / "val")]) == 0  # fmt: skip
     assert (run / "config.yaml").read_bytes() == before
+
+
+def test_checkpoint_fills_only_unset_model_settings(
+    trained: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A value given on the command line beats the checkpoint's (Lightning's own rule is the reverse, so its
+    checkpoint parsing must not see the path); a value the configs leave at its default comes from the
+    checkpoint; the resolved path reaches the sub-command."""
+    _, cfg, run = trained
+    doc = yaml.safe_load(cfg.read_text())
+    del doc["model"]["warmup_iters"]  # the checkpoint holds 0; the task's default differs
+    partial = tmp_path / "partial.yaml"
+    partial.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    seen = {}
+    checks = SegLightningCLI.before_instantiate_classes
+
+    def capture(self: SegLightningCLI) -> None:
+        checks(self)
+        seen["config"] = self.config["validate"].clone()
+        raise KeyboardInterrupt  # stop before anything is built
+
+    monkeypatch.setattr(SegLightningCLI, "before_instantiate_classes", capture)
+    lr = float(torch.empty(()).uniform_(0.2, 0.9))
+    with pytest.raises(KeyboardInterrupt):
+        seglstm(["validate", "--config", str(partial), "--ckpt_path", "last", "--model.lr", str(lr)])
+    model = seen["config"].model
+    ckpt = torch_load(run / "checkpoints" / "last.ckpt")["hyper_parameters"]
+    assert ckpt["lr"] == 0.01 and ckpt["warmup_iters"] == 0
+    assert model.lr == pytest.approx(lr) and model.warmup_iters == 0
+    assert seen["config"].ckpt_path == str(run / "checkpoints" / "last.ckpt")

@@ -40,7 +40,7 @@ from typing import Any, Literal
 import yaml
 from jsonargparse import Namespace
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.cli import LightningArgumentParser, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from seglstm.config import ConfigError, check_class_paths, compose_config, has_bases
@@ -48,7 +48,6 @@ from seglstm.data.io import DataError, check_complete
 from seglstm.data.registry import dataset_meta
 from seglstm.errors import SeglstmError
 from seglstm.models.checkpoint import CheckpointMismatchError, load_pretrained
-from seglstm.training._lightning_compat import SubcommandHooksCLI
 from seglstm.training.callbacks import (
     LAST_NAME,
     SegPredictionWriter,
@@ -233,7 +232,16 @@ class ConfigParseError(SeglstmError, ValueError):
 
 class SegArgumentParser(LightningArgumentParser):
     """Lightning's parser whose errors end the command with one line (see :func:`describe_parse_error`)
-    rather than the ~80 lines of usage jsonargparse prints before them."""
+    rather than the ~80 lines of usage jsonargparse prints before them.
+
+    Args:
+        for_subcommand: the sub-command this parser reads (given through LightningCLI's per-sub-command
+            ``parser_kwargs``), so the CLI can add that sub-command's own options to it.
+    """
+
+    def __init__(self, *args: Any, for_subcommand: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.for_subcommand = for_subcommand
 
     def error(self, message: str, ex: Exception | None = None) -> Any:
         if not self.exit_on_error:  # a nested parse that jsonargparse catches itself
@@ -279,8 +287,15 @@ def describe_parse_error(message: str, subcommand: str, argv: list[str], config_
     return f"{where}: {detail} (`seglstm {subcommand} --help` lists the options)"
 
 
-class SegLightningCLI(SubcommandHooksCLI):
-    """LightningCLI with the project's checks, run layout and test/predict outputs (module docstring)."""
+class SegLightningCLI(LightningCLI):
+    """LightningCLI with the project's checks, run layout and test/predict outputs (module docstring).
+
+    Only public hooks: each sub-command's parser is a :class:`SegArgumentParser` told its sub-command
+    (``parser_kwargs``), so :meth:`add_arguments_to_parser` can record it and :meth:`setup_parser` add
+    ``test/predict --out``; the checkpoint is resolved in :meth:`parse_arguments` and kept out of the config
+    until :meth:`before_instantiate_classes`, so Lightning's own checkpoint parsing (hyper-parameters over
+    the config, full checkpoints only) never sees it.
+    """
 
     def __init__(
         self,
@@ -298,9 +313,40 @@ class SegLightningCLI(SubcommandHooksCLI):
         self.resuming = False
         self.weights_file: str | None = None
         self.ckpt_shapes: dict[str, tuple[int, ...]] | None = None
-        super().__init__(*args, parser_class=SegArgumentParser, **kwargs)
+        self.subcommand_parsers: dict[str, LightningArgumentParser] = {}
+        self._held_ckpt_path: str | None = None
+        parser_kwargs = dict(kwargs.pop("parser_kwargs", None) or {})
+        for sub in self.subcommands():
+            parser_kwargs[sub] = {**parser_kwargs.get(sub, {}), "for_subcommand": sub}
+        super().__init__(*args, parser_class=SegArgumentParser, parser_kwargs=parser_kwargs, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        subcommand = getattr(parser, "for_subcommand", None)
+        if subcommand is not None:
+            self.subcommand_parsers[subcommand] = parser
+
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        # After Lightning added the Trainer method's arguments (ckpt_path, verbose, ...), whose defaults change.
+        for subcommand, parser in self.subcommand_parsers.items():
+            self.add_subcommand_arguments(parser, subcommand)
+
+    def subcommand_defaults(self, subcommand: str) -> Namespace:
+        """The defaults of ``subcommand``'s parser."""
+        return self.subcommand_parsers[subcommand].get_defaults()
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, then resolve the checkpoint (:meth:`resolve_checkpoint`) and hold it back until
+        :meth:`before_instantiate_classes` (see the class docstring)."""
+        super().parse_arguments(parser, args)
+        self.resolve_checkpoint()
+        sub = self.config.get("subcommand")
+        if sub:
+            self._held_ckpt_path = self.config[sub].get("ckpt_path")
+            self.config[sub].ckpt_path = None
 
     def add_subcommand_arguments(self, parser: LightningArgumentParser, subcommand: str) -> None:
+        """Options of one sub-command only: ``test --out``, ``predict --out/--format``."""
         if subcommand == "test":
             parser.add_argument(
                 "--out",
@@ -397,6 +443,8 @@ class SegLightningCLI(SubcommandHooksCLI):
     def before_instantiate_classes(self) -> None:
         sub = self.subcommand
         cfg = self.config[sub] if sub else self.config
+        if sub:
+            cfg.ckpt_path = self._held_ckpt_path
         if cfg.trainer.get("unsafe_load") and not self.unsafe_load:
             raise ConfigValueError(
                 "trainer.unsafe_load is set by a config or argument: full unpickling needs the --unsafe-load flag"

@@ -3,9 +3,45 @@ does the job.
 
 A renamed private method would otherwise break silently on an upgrade (an override that is never called
 again, a hook that quietly stops firing). :func:`compat_problems` lists what no longer matches and
-``tests/test_lightning_compat.py`` fails loudly on it, naming the Lightning and torch versions. The rest of
-the code reaches these names only through the classes and functions below (one exception, listed:
-``RunCheckpoint`` overrides ``ModelCheckpoint._find_last_checkpoints``).
+``tests/test_lightning_compat.py`` fails loudly on it, naming the Lightning and torch versions; it also
+checks that no subclass of a Lightning/torch class overrides a private name missing from the list. The rest
+of the code reaches these names only through the classes and functions below (one exception, listed:
+``RunCheckpoint`` overrides ``ModelCheckpoint._find_last_checkpoints``). ``make test-lightning-latest``
+runs these checks and the training/CLI tests against the newest Lightning on the package index.
+
+The CLI (``seglstm.cli.lightning``) uses LightningCLI's public hooks only (``parser_class`` and
+per-sub-command ``parser_kwargs``, ``add_arguments_to_parser``, ``setup_parser``, ``parse_arguments``,
+``before_instantiate_classes``). Four seglstm flags stay outside jsonargparse, taken from the command line
+before it parses: ``--allow-class-path`` must be known before parsing, because jsonargparse imports every
+``class_path`` module while it parses; ``--unsafe-load`` must not be settable by a config file (a parser
+argument is a config key, and configs are untrusted); ``--auto-resume`` / ``--new-version`` act on this
+invocation only, whereas a parser argument is saved into the run's ``config.yaml`` and reset by a later
+``--config`` (jsonargparse applies arguments in order). ``_base_`` configs are composed before parsing for
+the same reason as the class-path check.
+
+Public Lightning features looked at and what they lack (so the private names below remain):
+
+- torchdata's ``StatefulDataLoader`` (0.11) in place of ``ResumableDataLoader``: Lightning creates the
+  train iterator (``iter`` in the fit loop's ``setup_data``) before it calls the sampler's ``set_epoch``
+  (``on_advance_start``), and StatefulDataLoader replays its saved position while the iterator is created,
+  so a run resumed in epoch *e* finishes that epoch in epoch *e - 1*'s order (with the epoch-dependent
+  augmentation of *e - 1*); ``tests/test_data_order.py`` shows it and fails once it no longer happens.
+  ``ResumableDataLoader`` creates its iterator on the first ``next()`` and skips at the index level.
+- ``ModelCheckpoint(train_time_interval=...)`` in place of ``last_every_minutes``: Lightning refuses it
+  together with ``every_n_train_steps`` (the seed's ``iter_N`` files), and it writes a periodic file, not
+  only ``last.ckpt``.
+- ``ModelCheckpoint(save_last=True)`` is used as is (``last.ckpt`` at every checkpoint event); its save at
+  ``on_train_end`` comes after Lightning counted a part-done epoch as finished (a resume would start the
+  next epoch's order), hence the final-step save through ``_save_topk_checkpoint`` /
+  ``_save_last_checkpoint`` at the end of the last step.
+- ``ModelCheckpoint(save_on_exception=True)`` / the ``on_exception`` hook: they save where the exception
+  arrived (possibly inside a step, between the optimizer step and the loop counters), under a top-k name;
+  ``InterruptGuard`` defers to the next point whose state resumes exactly and writes ``last.ckpt``.
+- Lightning's SIGTERM handling (``trainer.received_sigterm``, ``SIGTERMException``) is used: the flag is read
+  by ``caught_signal`` and the exception caught by ``SegTrainer.fit`` and the CLI. It stops on SIGTERM
+  without saving (exit status 0 through ``SystemExit()``), Ctrl-C ends in its ``KeyboardInterrupt``
+  shutdown (``sys.exit(1)``, no checkpoint), and the cluster environments' ``requeue`` exists for SLURM
+  alone.
 """
 
 from __future__ import annotations
@@ -17,19 +53,12 @@ import lightning
 import torch
 from lightning.fabric.utilities import distributed as fabric_distributed
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loops import _FitLoop, _TrainingEpochLoop
 from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader
 
 # (owner, name, parameter names after self (None: an attribute or property), why we need it)
 PRIVATE_USES: list[tuple[Any, str, tuple[str, ...] | None, str]] = [
-    (LightningCLI, "_prepare_subcommand_parser", ("klass", "subcommand"),
-     "arguments of one sub-command only (test/predict --out): add_arguments_to_parser is not told which"),
-    (LightningCLI, "_parse_ckpt_path", (),
-     "Lightning lets a checkpoint's hyper-parameters override the config and fails on weights-only files; "
-     "seglstm applies the reverse rule and resolves last/best/--auto-resume itself"),
-    (LightningCLI, "_subcommand_parsers", None, "the defaults of one sub-command's parser"),
     (ModelCheckpoint, "_monitor_candidates", ("trainer",), "the metrics a save at the last step formats into its name"),
     (ModelCheckpoint, "_save_topk_checkpoint", ("trainer", "monitor_candidates"),
      "a save at the last step that keeps top-k bookkeeping (the seed saves at 15000 whatever the interval)"),
@@ -82,32 +111,6 @@ def compat_problems() -> list[str]:
 
 def versions() -> str:
     return f"lightning {lightning.__version__}, torch {torch.__version__}"
-
-
-class SubcommandHooksCLI(LightningCLI):
-    """LightningCLI with two public-named hooks in place of its private ones:
-
-    - :meth:`add_subcommand_arguments` ``(parser, subcommand)`` after each sub-command parser is built;
-    - :meth:`resolve_checkpoint` instead of Lightning's ``_parse_ckpt_path`` (see :data:`PRIVATE_USES`).
-    """
-
-    def add_subcommand_arguments(self, parser: LightningArgumentParser, subcommand: str) -> None:
-        """Add arguments to one sub-command's parser (default: none)."""
-
-    def resolve_checkpoint(self) -> None:
-        """Resolve ``ckpt_path`` before the classes are instantiated (default: nothing)."""
-
-    def subcommand_defaults(self, subcommand: str) -> Any:
-        """The defaults of ``subcommand``'s parser (a jsonargparse Namespace)."""
-        return self._subcommand_parsers[subcommand].get_defaults()
-
-    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
-        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
-        self.add_subcommand_arguments(parser, subcommand)
-        return parser
-
-    def _parse_ckpt_path(self) -> None:
-        self.resolve_checkpoint()
 
 
 def save_topk_and_last(callback: ModelCheckpoint, trainer: Any) -> None:
