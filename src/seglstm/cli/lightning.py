@@ -55,7 +55,7 @@ from seglstm.training.callbacks import (
     TrainingInterrupted,
     read_index,
 )
-from seglstm.training.faults import NonFiniteLossError, RunDirectoryError, probe_dir
+from seglstm.training.faults import RunDirectoryError, probe_dir
 from seglstm.training.optim import check_schedule
 from seglstm.training.task import SegmentationTask
 from seglstm.training.trainer import SegTrainer
@@ -737,8 +737,8 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as stop:
         print(f"\nseglstm {argv[0]}: {stop}", file=sys.stderr)
         return stop.exit_code
-    except (CheckpointLoadError, RunDirectoryError, NonFiniteLossError, DataError, OSError) as err:
+    except (SeglstmError, OSError) as err:
         # A newline first: a progress bar may have left the cursor at the end of its line.
         print(f"\nseglstm {argv[0]}: error: {err}", file=sys.stderr)
-        return 1
+        return getattr(err, "exit_code", 1)
     return 0
