@@ -115,6 +115,11 @@ def main(argv: list[str]) -> int:
         problems += report.problems
         if args.stats and report.band_mean:
             print(f"\n# per-band normalisation of {split} ({report.checked} images)\n" + statistics_yaml(band_statistics(report)))
+    return _verdict(problems)
+
+
+def _verdict(problems: list[str]) -> int:
+    """Every problem on stderr and exit 1, or the all-clear and exit 0."""
     if problems:
         print(f"\n{len(problems)} problem(s):", file=sys.stderr)
         for problem in problems:
@@ -155,13 +160,7 @@ def _check_scenes(module: Any, init: dict[str, Any], splits: list[str], args: ar
     stats = scenes_band_statistics(reports)
     if args.stats and stats is not None:
         print("\n# per-band normalisation of the scenes (decimated reads)\n" + statistics_yaml(stats))
-    if problems:
-        print(f"\n{len(problems)} problem(s):", file=sys.stderr)
-        for problem in problems:
-            print(f"  - {problem}", file=sys.stderr)
-        return 1
-    print("\nno problems found")
-    return 0
+    return _verdict(problems)
 
 
 def _check_predict(module: Any) -> list[str]:

@@ -201,7 +201,7 @@ def main(argv: list[str]) -> int:
         return 2
     times: dict[str, float] = {}
     try:
-        from seglstm.data.io import build_staged
+        from seglstm.data.io import write_dataset
         from seglstm.data.synthetic import generate
 
         t = time.perf_counter()
@@ -214,8 +214,7 @@ def main(argv: list[str]) -> int:
             return generate(folder, spec["n_train"], spec["n_val"], size=spec["size"], seed=0, workers=args.workers)
 
         # a new dataset is built beside its folder and moved in when complete (a killed demo leaves none)
-        existing = data.is_dir() and any(data.iterdir())
-        root = write(data) if existing else build_staged(data, write, f"seglstm demo --data {data}")
+        root = write_dataset(data, write, f"seglstm demo --data {data}")
         times["dataset"] = time.perf_counter() - t
 
         common = ["--config", str(config), "--data.root", str(root), "--trainer.default_root_dir", str(out)]

@@ -108,6 +108,7 @@ def main(args: argparse.Namespace) -> int:
     """Run the scenes demo with ``demo``'s parsed arguments (``--quick``, ``--out``, ``--data``, ``--config``)."""
     import sys
 
+    from seglstm.data.io import write_dataset
     from seglstm.data.synthetic_scenes import HELD_OUT, write_synthetic_scenes
 
     spec = dict(QUICK if args.quick else FULL)
@@ -125,7 +126,13 @@ def main(args: argparse.Namespace) -> int:
         scenes_yaml = Path(spec["data"]) / "scenes.yaml"
         if not scenes_yaml.is_file():
             print(f"[{PROG}] scenes: {spec['n_scenes']} synthetic scene(s) + 1 held out at {spec['data']}")
-            scenes_yaml = write_synthetic_scenes(spec["data"], spec["n_scenes"], size=spec["size"], overwrite=True)
+            # built beside its folder and moved in when complete (a killed demo leaves no half-written scenes)
+            write_dataset(
+                spec["data"],
+                lambda folder: write_synthetic_scenes(folder, spec["n_scenes"], size=spec["size"], overwrite=True),
+                f"seglstm demo --scenes --data {spec['data']}",
+                replace=True,
+            )
         else:
             print(f"[{PROG}] scenes: reusing {scenes_yaml}")
         times["scenes"] = time.perf_counter() - t

@@ -43,7 +43,7 @@ def main(argv: list[str]) -> int:
         return _scenes(args)
     if args.out is None and args.grid is None:
         _parser().error("give --out DIR (and/or --grid PNG), or --scenes DIR")
-    from seglstm.data.io import build_staged
+    from seglstm.data.io import write_dataset
     from seglstm.data.synthetic import generate, sample_grid, sample_scenes
 
     for flag, path in (("--out", args.out), ("--grid", args.grid)):
@@ -59,12 +59,8 @@ def main(argv: list[str]) -> int:
                     overwrite=args.overwrite, progress=not args.quiet, bands=args.bands,
                 )  # fmt: skip
 
-            existing = args.out.is_dir() and any(args.out.iterdir())
-            # A new dataset is built in a staging folder and moved into place when complete; an existing one is
-            # left to the generator (kept when up to date, refused without --overwrite).
-            root = write(args.out) if existing and not args.overwrite else build_staged(
-                args.out, write, "seglstm synth " + " ".join(argv)
-            )
+            # built in a staging folder and moved into place when complete
+            root = write_dataset(args.out, write, "seglstm synth " + " ".join(argv), replace=args.overwrite)
             print(f"synthetic dataset ready at {root} (train {args.train}, val {args.val}, test {args.test})")
         if args.grid is not None:
             sample_grid(sample_scenes(args.seed, args.size), args.grid)
@@ -79,7 +75,7 @@ def main(argv: list[str]) -> int:
 
 
 def _scenes(args: argparse.Namespace) -> int:
-    from seglstm.data.io import build_staged
+    from seglstm.data.io import write_dataset
     from seglstm.data.synthetic_scenes import write_synthetic_scenes
 
     if args.out is not None or args.grid is not None:
@@ -87,17 +83,14 @@ def _scenes(args: argparse.Namespace) -> int:
     if args.scenes.exists() and not args.scenes.is_dir():
         print(f"seglstm synth: error: --scenes {args.scenes} is a file, not a folder", file=sys.stderr)
         return 2
+
     def write(folder: Path) -> Path:
         return write_synthetic_scenes(folder, args.n_scenes, size=args.size, seed=args.seed,
                                       overwrite=args.overwrite, progress=not args.quiet)
 
     try:
-        # built in a staging folder and moved into place when complete, as for --out
-        existing = args.scenes.is_dir() and any(args.scenes.iterdir())
-        if existing and not args.overwrite:
-            path = write(args.scenes)
-        else:
-            path = build_staged(args.scenes, write, "seglstm synth " + " ".join(args.argv)) / "scenes.yaml"
+        command = "seglstm synth " + " ".join(args.argv)
+        path = write_dataset(args.scenes, write, command, replace=args.overwrite) / "scenes.yaml"
     except (ValueError, FileExistsError) as err:
         print(f"seglstm synth: error: {err}", file=sys.stderr)
         return 1

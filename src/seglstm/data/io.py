@@ -314,6 +314,16 @@ def check_complete(root: str | Path) -> None:
             )
 
 
+def write_dataset(out: str | Path, build: Callable[[Path], Any], command: str, replace: bool = False) -> Path:
+    """``build(out)`` in place when ``out`` already holds a dataset and ``replace`` is off (the writer keeps an
+    up-to-date one and refuses a different one), else :func:`build_staged`; returns ``out``."""
+    out = Path(out)
+    if not replace and out.is_dir() and any(out.iterdir()):
+        build(out)
+        return out
+    return build_staged(out, build, command)
+
+
 def build_staged(out: str | Path, build: Callable[[Path], Any], command: str) -> Path:
     """Run ``build(folder)`` in a staging folder beside ``out`` and move the result into place only when it
     returns, so a kill leaves no half-written dataset at ``out`` (only the staging folder, whose marker
@@ -343,13 +353,4 @@ def build_staged(out: str | Path, build: Callable[[Path], Any], command: str) ->
             os.replace(entry, target)
         marker.unlink()
     shutil.rmtree(staging)
-    return out
-    marker = mark_incomplete(out, command)
-    for entry in sorted(staging.iterdir()):
-        target = out / entry.name
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        os.replace(entry, target)
-    staging.rmdir()
-    marker.unlink()
     return out
