@@ -273,12 +273,12 @@ def test_model_digest_is_reused_until_a_weight_changes(tmp_path, rng, monkeypatc
     model = RuleModel(U3, MEAN3, STD3, T4)
     pred = ScenePredictor(model, MEAN3, STD3, [f"c{i}" for i in range(4)], palette(4), tile=64, overlap=16,
                           device="cpu", precision="fp32", progress=False)  # fmt: skip
-    first = pred._digest()
+    first = pred.model_digest()
     pred.predict(src, tmp_path / "a.tif")
     pred.predict(src, tmp_path / "b.tif")
-    assert len(calls) == 1 and pred._digest() == first
+    assert len(calls) == 1 and pred.model_digest() == first
     with torch.no_grad():
         model.score.weight[0, 0] += 1e-3  # in place: the tensor's version counter moves
-    assert pred._digest() != first and len(calls) == 2
+    assert pred.model_digest() != first and len(calls) == 2
     model.load_state_dict(RuleModel(U3, MEAN3, STD3, T4).state_dict())  # copied in place: back to the original
-    assert pred._digest() == first and len(calls) == 3
+    assert pred.model_digest() == first and len(calls) == 3

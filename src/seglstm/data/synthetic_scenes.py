@@ -56,9 +56,9 @@ def _write_image(path: Path, rgb: np.ndarray, transform: Affine) -> None:
 
 
 def _write_labels(path: Path, geoms: list, names: list[str]) -> None:
-    from seglstm.inference.scene.vector import _layer_path  # atomic writes of OGR files
+    from seglstm.utils.io import atomic_layer_path
 
-    with _layer_path(path) as work:
+    with atomic_layer_path(path) as work:
         pyogrio.raw.write(str(work), shapely.to_wkb(np.asarray(geoms, dtype=object)),
                           [np.asarray(names, dtype=object)], fields=["class"], crs=LABEL_CRS,
                           geometry_type="Polygon", driver="GPKG", layer=path.stem)

@@ -55,6 +55,22 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
             tmp_path.unlink()
 
 
+@contextlib.contextmanager
+def atomic_layer_path(path: str | os.PathLike) -> Iterator[Path]:
+    """:func:`atomic_path` for OGR writers, which check the suffix and may write sidecars (``-journal``,
+    ``-wal``): a work file named ``<tmp><suffix>``, renamed over ``path`` on success, its leftovers removed."""
+    final = Path(path)
+    with atomic_path(final) as tmp:
+        work = tmp.parent / (tmp.name + final.suffix)
+        try:
+            yield work
+            if work.exists():
+                os.replace(work, tmp)
+        finally:
+            for leftover in work.parent.glob(work.name + "*"):
+                leftover.unlink()
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

@@ -267,7 +267,7 @@ class ScenePredictor:
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def _digest(self) -> str:
+    def model_digest(self) -> str:
         """:func:`_model_digest`, hashed again only when a weight changed (its storage or its in-place version
         counter): hashing vil_s's weights costs about a second, which would count against every scene."""
         key = None
@@ -352,7 +352,7 @@ class ScenePredictor:
                 "tile": self.tile, "overlap": self.overlap, "batch_size": self.batch_size,
                 "strip_width": strip_width, "weight_floor": self.weight_floor, "probs": probs_path is not None,
                 "device": self.device.type, "precision": _DTYPE_NAMES[self.amp_dtype],
-                "model": self._digest(),
+                "model": self.model_digest(),
             })
             progress = partial.start(resume)
             tiles = plan_run(grid, strips)

@@ -46,9 +46,9 @@ from seglstm.inference.scene.errors import SceneError
 from seglstm.inference.scene.outputs import PartialRun
 from seglstm.inference.scene.predictor import ScenePredictor
 from seglstm.inference.scene.source import is_remote, is_stac
-from seglstm.inference.scene.vector import VectorSpec, _layer_path
+from seglstm.inference.scene.vector import VectorSpec
 from seglstm.inference.scene.writers import NODATA
-from seglstm.utils.io import atomic_write_text
+from seglstm.utils.io import atomic_layer_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -492,14 +492,12 @@ def run_region(
     Returns:
         Every scene's record; rank 0 has also written the manifest, the VRT and the merged polygons.
     """
-    from seglstm.inference.scene.predictor import _model_digest
-
     out_dir, launch = Path(out_dir), launch or Launch.from_env()
     outputs.check()
     settings = {
         **(settings or {}),
         "classes": predictor.classes,
-        "model": _model_digest(predictor.model),
+        "model": predictor.model_digest(),  # cached: the scenes reuse it
         "tile": predictor.tile,
         "overlap": predictor.overlap,
         "outputs": asdict(outputs),
@@ -688,7 +686,7 @@ def merge_vectors(path: Path, layers: Sequence[tuple[str, Path]], batch: int = 1
         raise SceneError(f"no merged polygons: the scenes' layers are in {len(crss)} CRSs; use --dst-crs to put "
                          "them in one")  # fmt: skip
     count, created = 0, False
-    with _layer_path(path) as work:
+    with atomic_layer_path(path) as work:
         for name, layer, meta in metas:
             for skip in range(0, max(meta["features"], 1), batch):
                 _, _, geoms, values = pyogrio.raw.read(layer, skip_features=skip, max_features=batch)

@@ -24,9 +24,7 @@ right-hand winding (exterior rings counter-clockwise).
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -42,7 +40,7 @@ from tqdm.auto import tqdm
 
 from seglstm.inference.scene.errors import SceneError
 from seglstm.inference.scene.plan import BLOCK
-from seglstm.utils.io import atomic_path
+from seglstm.utils.io import atomic_layer_path
 
 NODATA = 255
 DRIVERS = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON", ".parquet": "Parquet"}
@@ -228,20 +226,6 @@ def _batches(strips: Iterator[list], vertices: int) -> Iterator[list]:
     yield batch
 
 
-@contextlib.contextmanager
-def _layer_path(final: Path) -> Iterator[Path]:
-    """A temporary file with the final suffix (OGR drivers check it), renamed over ``final`` on success."""
-    with atomic_path(final) as tmp:
-        work = tmp.parent / (tmp.name + final.suffix)
-        try:
-            yield work
-            if work.exists():
-                os.replace(work, tmp)
-        finally:
-            for leftover in work.parent.glob(work.name + "*"):
-                leftover.unlink()
-
-
 def check_georef(spec: VectorSpec, crs, has_gcps: bool) -> None:
     """Refuse, before any inference, a polygon layer the scene's georeference cannot give."""
     if crs is None and has_gcps:
@@ -273,7 +257,7 @@ def write_vector(raster: Path, spec: VectorSpec, class_names: Sequence[str], pro
             crs = "EPSG:4326"
         names = np.array(list(class_names) + ["nodata"] * (NODATA + 1 - len(class_names)), dtype=object)
         count, created = 0, False
-        with _layer_path(spec.path) as work, warnings.catch_warnings():
+        with atomic_layer_path(spec.path) as work, warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # OGR's notes on the temporary file name
             unit = min_pixels(spec.min_area, pixel_area)
             for batch in _batches(polygonize_strips(src, rows, progress, unit), spec.batch_vertices):
