@@ -14,10 +14,12 @@ smoke check.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,32 @@ GRID_SAMPLES = 6
 
 class DemoError(SeglstmError, RuntimeError):
     """A demo stage failed; the message says which and where its output is."""
+
+
+def demo_run(
+    args: argparse.Namespace, full: dict, quick: dict, out: str, config: Path
+) -> tuple[dict, Path, Path] | None:
+    """The spec, run folder and config a demo variant runs with (``--quick``, ``--data``, ``--out``,
+    ``--config``); ``None``, after saying so, when the config is missing."""
+    spec = dict(quick if args.quick else full)
+    if args.data:
+        spec["data"] = args.data
+    path = Path(args.config or config)
+    if not path.is_file():
+        print(f"{PROG}: error: --config {path} does not exist (run from the repository, or pass --config)",
+              file=sys.stderr)  # fmt: skip
+        return None
+    return spec, Path(args.out or (out + "-quick" if args.quick else out)), path
+
+
+@contextlib.contextmanager
+def timed(times: dict[str, float], stage: str) -> Iterator[None]:
+    """Add the block's wall time to ``times[stage]`` (the report's time table)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        times[stage] = time.perf_counter() - start
 
 
 def _run(stage: str, argv: list[str]) -> None:
@@ -188,58 +216,48 @@ def main(argv: list[str]) -> int:
         from seglstm.cli import demo_scenes
 
         return demo_scenes.main(args)
-    spec = dict(QUICK if args.quick else FULL)
-    if args.data:
-        spec["data"] = args.data
-    out = Path(args.out or ("runs/demo-quick" if args.quick else "runs/demo"))
-    config = Path(args.config or REPO_CONFIG)
-    if not config.is_file():
-        print(
-            f"{PROG}: error: --config {config} does not exist (run from the repository, or pass --config)",
-            file=sys.stderr,
-        )
+    run = demo_run(args, FULL, QUICK, "runs/demo", REPO_CONFIG)
+    if run is None:
         return 2
+    spec, out, config = run
     times: dict[str, float] = {}
     try:
         from seglstm.data.io import write_dataset
         from seglstm.data.synthetic import generate
 
-        t = time.perf_counter()
-        print(
-            f"[{PROG}] dataset: {spec['n_train']} train + {spec['n_val']} val synthetic images at {spec['data']}"
-        )
-        data = Path(spec["data"])
+        with timed(times, "dataset"):
+            print(
+                f"[{PROG}] dataset: {spec['n_train']} train + {spec['n_val']} val synthetic images at {spec['data']}"
+            )
+            data = Path(spec["data"])
 
-        def write(folder: Path) -> Path:
-            return generate(folder, spec["n_train"], spec["n_val"], size=spec["size"], seed=0, workers=args.workers)
+            def write(folder: Path) -> Path:
+                return generate(folder, spec["n_train"], spec["n_val"], size=spec["size"], seed=0,
+                                workers=args.workers)  # fmt: skip
 
-        # a new dataset is built beside its folder and moved in when complete (a killed demo leaves none)
-        root = write_dataset(data, write, f"seglstm demo --data {data}")
-        times["dataset"] = time.perf_counter() - t
+            # a new dataset is built beside its folder and moved in when complete (a killed demo leaves none)
+            root = write_dataset(data, write, f"seglstm demo --data {data}")
 
         common = ["--config", str(config), "--data.root", str(root), "--trainer.default_root_dir", str(out)]
-        t = time.perf_counter()
-        # --auto-resume: a second demo continues (or, when finished, keeps) the run in its folder
-        _run("train", ["fit", *common, "--auto-resume", *spec["overrides"]])
-        times["train"] = time.perf_counter() - t
+        with timed(times, "train"):
+            # --auto-resume: a second demo continues (or, when finished, keeps) the run in its folder
+            _run("train", ["fit", *common, "--auto-resume", *spec["overrides"]])
 
         report = out / "report"
-        t = time.perf_counter()
-        _run("evaluate", ["test", *common, "--ckpt_path", "last", "--out", str(report)])
-        times["evaluate"] = time.perf_counter() - t
+        with timed(times, "evaluate"):
+            _run("evaluate", ["test", *common, "--ckpt_path", "last", "--out", str(report)])
 
-        t = time.perf_counter()
-        from seglstm.cli.plot_log import find_csv_logs, plot_curves, read_curves
+        with timed(times, "report"):
+            from seglstm.cli.plot_log import find_csv_logs, plot_curves, read_curves
 
-        _prediction_grid(out / "checkpoints" / "last.ckpt", root, report / "predictions.png", GRID_SAMPLES)
-        # the newest log with training columns is this fit (the test run above logs in its own version)
-        curves = {}
-        for log in reversed(find_csv_logs(out)):
-            curves = read_curves([log])
-            if any(key.startswith("train/loss") for key in curves):
-                break
-        plot_curves(curves, report / "curves.png", title=f"{PROG} ({out})")
-        times["report"] = time.perf_counter() - t
+            _prediction_grid(out / "checkpoints" / "last.ckpt", root, report / "predictions.png", GRID_SAMPLES)
+            # the newest log with training columns is this fit (the test run above logs in its own version)
+            curves = {}
+            for log in reversed(find_csv_logs(out)):
+                curves = read_curves([log])
+                if any(key.startswith("train/loss") for key in curves):
+                    break
+            plot_curves(curves, report / "curves.png", title=f"{PROG} ({out})")
         metrics = json.loads((report / "metrics.json").read_text(encoding="utf-8"))
         path = _write_report(report, metrics, times, args, spec, config)
     except FileExistsError as err:

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from seglstm.cli.demo import PROG, DemoError, _run
+from seglstm.cli.demo import PROG, DemoError, _run, demo_run, timed
 
 CONFIG = Path(__file__).resolve().parents[3] / "configs" / "demo_scenes.yaml"
 FULL = {"data": "data/synthetic-scenes", "n_scenes": 3, "size": 512, "overrides": []}
@@ -111,57 +110,48 @@ def main(args: argparse.Namespace) -> int:
     from seglstm.data.io import write_dataset
     from seglstm.data.synthetic_scenes import HELD_OUT, write_synthetic_scenes
 
-    spec = dict(QUICK if args.quick else FULL)
-    if args.data:
-        spec["data"] = args.data
-    out = Path(args.out or ("runs/demo-scenes-quick" if args.quick else "runs/demo-scenes"))
-    config = Path(args.config or CONFIG)
-    if not config.is_file():
-        print(f"{PROG}: error: --config {config} does not exist (run from the repository, or pass --config)",
-              file=sys.stderr)
+    run = demo_run(args, FULL, QUICK, "runs/demo-scenes", CONFIG)
+    if run is None:
         return 2
+    spec, out, config = run
     times: dict[str, float] = {}
     try:
-        t = time.perf_counter()
-        scenes_yaml = Path(spec["data"]) / "scenes.yaml"
-        if not scenes_yaml.is_file():
-            print(f"[{PROG}] scenes: {spec['n_scenes']} synthetic scene(s) + 1 held out at {spec['data']}")
-            # built beside its folder and moved in when complete (a killed demo leaves no half-written scenes)
-            write_dataset(
-                spec["data"],
-                lambda folder: write_synthetic_scenes(folder, spec["n_scenes"], size=spec["size"], overwrite=True),
-                f"seglstm demo --scenes --data {spec['data']}",
-                replace=True,
-            )
-        else:
-            print(f"[{PROG}] scenes: reusing {scenes_yaml}")
-        times["scenes"] = time.perf_counter() - t
+        with timed(times, "scenes"):
+            scenes_yaml = Path(spec["data"]) / "scenes.yaml"
+            if not scenes_yaml.is_file():
+                print(f"[{PROG}] scenes: {spec['n_scenes']} synthetic scene(s) + 1 held out at {spec['data']}")
+                # built beside its folder and moved in when complete (a killed demo leaves no half-written scenes)
+                write_dataset(
+                    spec["data"],
+                    lambda folder: write_synthetic_scenes(folder, spec["n_scenes"], size=spec["size"], overwrite=True),
+                    f"seglstm demo --scenes --data {spec['data']}",
+                    replace=True,
+                )
+            else:
+                print(f"[{PROG}] scenes: reusing {scenes_yaml}")
 
         common = ["--config", str(config), "--data.scenes", str(scenes_yaml), "--trainer.default_root_dir", str(out)]
-        t = time.perf_counter()
-        _run("train", ["fit", *common, "--auto-resume", *spec["overrides"]])
-        times["train"] = time.perf_counter() - t
+        with timed(times, "train"):
+            _run("train", ["fit", *common, "--auto-resume", *spec["overrides"]])
 
         report = out / "report"
-        t = time.perf_counter()
-        _run("validate", ["test", *common, "--ckpt_path", "last", "--data.test_split", "val", "--out",
-                          str(report / "val")])
-        times["validate"] = time.perf_counter() - t
+        with timed(times, "validate"):
+            _run("validate", ["test", *common, "--ckpt_path", "last", "--data.test_split", "val", "--out",
+                              str(report / "val")])
 
-        t = time.perf_counter()
         class_map = report / "heldout.tif"
-        image = scenes_yaml.parent / f"{HELD_OUT}.tif"
-        _run("map", ["predict-scene", str(image), str(class_map), "--ckpt", str(out / "checkpoints" / "last.ckpt"),
-                     "--preview", str(report / "heldout.png"), "--precision", "fp32", "--quiet"])
-        times["map"] = time.perf_counter() - t
+        with timed(times, "map"):
+            image = scenes_yaml.parent / f"{HELD_OUT}.tif"
+            _run("map", ["predict-scene", str(image), str(class_map), "--ckpt",
+                         str(out / "checkpoints" / "last.ckpt"), "--preview", str(report / "heldout.png"),
+                         "--precision", "fp32", "--quiet"])  # fmt: skip
 
-        t = time.perf_counter()
-        from seglstm.config import compose_config
+        with timed(times, "score"):
+            from seglstm.config import compose_config
 
-        crop = tuple(compose_config(config)["data"]["crop_size"])
-        held = score_held_out(scenes_yaml, class_map, crop, HELD_OUT)
-        val = json.loads((report / "val" / "metrics.json").read_text(encoding="utf-8"))
-        times["score"] = time.perf_counter() - t
+            crop = tuple(compose_config(config)["data"]["crop_size"])
+            held = score_held_out(scenes_yaml, class_map, crop, HELD_OUT)
+            val = json.loads((report / "val" / "metrics.json").read_text(encoding="utf-8"))
         path = _report(report, val, held, times, spec, config)
     except (DemoError, ValueError, OSError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)

@@ -39,8 +39,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.scenes is not None:
-        args.argv = argv
-        return _scenes(args)
+        return _scenes(args, argv)
     if args.out is None and args.grid is None:
         _parser().error("give --out DIR (and/or --grid PNG), or --scenes DIR")
     from seglstm.data.io import write_dataset
@@ -65,16 +64,20 @@ def main(argv: list[str]) -> int:
         if args.grid is not None:
             sample_grid(sample_scenes(args.seed, args.size), args.grid)
             print(f"sample grid written to {args.grid}")
-    except (ValueError, FileExistsError) as err:
-        print(f"seglstm synth: error: {err}", file=sys.stderr)
-        return 1
-    except OSError as err:
-        print(f"seglstm synth: error: cannot write {err.filename or args.out}: {err.strerror or err}", file=sys.stderr)
-        return 1
+    except (ValueError, OSError) as err:
+        return _failed(err, args.out)
     return 0
 
 
-def _scenes(args: argparse.Namespace) -> int:
+def _failed(err: ValueError | OSError, target: Path | None) -> int:
+    """One line for a refused or failed write: the generator's own words, or the file that could not be written."""
+    if isinstance(err, OSError) and not isinstance(err, FileExistsError):
+        err = f"cannot write {err.filename or target}: {err.strerror or err}"
+    print(f"seglstm synth: error: {err}", file=sys.stderr)
+    return 1
+
+
+def _scenes(args: argparse.Namespace, argv: list[str]) -> int:
     from seglstm.data.io import write_dataset
     from seglstm.data.synthetic_scenes import write_synthetic_scenes
 
@@ -89,13 +92,9 @@ def _scenes(args: argparse.Namespace) -> int:
                                       overwrite=args.overwrite, progress=not args.quiet)
 
     try:
-        command = "seglstm synth " + " ".join(args.argv)
+        command = "seglstm synth " + " ".join(argv)
         path = write_dataset(args.scenes, write, command, replace=args.overwrite) / "scenes.yaml"
-    except (ValueError, FileExistsError) as err:
-        print(f"seglstm synth: error: {err}", file=sys.stderr)
-        return 1
-    except OSError as err:
-        print(f"seglstm synth: error: cannot write {err.filename or args.scenes}: {err.strerror or err}", file=sys.stderr)
-        return 1
+    except (ValueError, OSError) as err:
+        return _failed(err, args.scenes)
     print(f"synthetic scenes ready: {path} ({args.n_scenes} scenes + 1 held out, {args.size} px a side)")
     return 0
